@@ -1,0 +1,283 @@
+"""DailyDialog data: parsing, (history -> response) pairs, batching.
+
+The DailyDialog text format is one dialogue per line, every turn followed by
+``__eou__`` ("end of utterance"):
+
+    Hi , how are you ? __eou__ Fine , thanks . And you ? __eou__ Not bad . __eou__
+
+Every turn after the first becomes a training target. Its model input is the
+turns before it (both speakers), oldest first, most recent last, joined by
+`` __eou__ `` and ended by ``</s>``::
+
+    input : "Hi , how are you ? __eou__ Fine , thanks . And you ?</s>"
+    target: "Not bad .</s>"
+
+When the history does not fit ``max_length`` tokens, whole turns are dropped
+from the left (oldest first); if the newest turn alone is too long, its
+beginning is cut so that its end (the part nearest the reply) is kept.
+`encode_history` builds that input, and both training and ``infer.py`` call
+it, so the model sees the same format in both.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+EOU = "__eou__"
+SEPARATOR = f" {EOU} "  # between turns in the model input; the format above
+
+
+class DataError(ValueError):
+    """A data file we cannot use; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
+    """Read a DailyDialog file into dialogues (lists of turns).
+
+    Returns ``(dialogues, skipped)`` where ``skipped`` holds the 1-based
+    numbers of non-blank lines that had fewer than two turns (no pair to
+    learn from). Tolerates a BOM, CRLF, runs of spaces, blank lines and a
+    missing final ``__eou__``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the path (see --help for the defaults)")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a DailyDialog text file; pass the .txt file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty; give a DailyDialog file (one dialogue per line, turns ended by {EOU})")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: drop a UTF-8 BOM if present
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8; re-save the file as UTF-8") from None
+    if "\x00" in text:
+        raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
+    if EOU not in text:
+        raise DataError(
+            f"{path}: no '{EOU}' anywhere, so this is not DailyDialog format "
+            f"(one dialogue per line, every turn followed by '{EOU}')"
+        )
+    dialogues, skipped = [], []
+    for number, line in enumerate(text.splitlines(), start=1):  # splitlines handles CRLF
+        turns = [" ".join(t.split()) for t in line.split(EOU)]
+        turns = [t for t in turns if t]
+        if not turns:
+            continue  # blank line
+        if len(turns) < 2:
+            skipped.append(number)
+            continue
+        dialogues.append(turns)
+    if not dialogues:
+        raise DataError(f"{path}: no dialogue with two or more turns; nothing to learn from")
+    return dialogues, skipped
+
+
+def dialogue_pairs(dialogues: list[list[str]]) -> list[tuple[list[str], str]]:
+    """Every turn after the first as a target, with all turns before it."""
+    return [(turns[:i], turns[i]) for turns in dialogues for i in range(1, len(turns))]
+
+
+# ---------------------------------------------------------------- model input
+
+
+def _separator_ids(tokenizer) -> list[int]:
+    return tokenizer(SEPARATOR.strip(), add_special_tokens=False)["input_ids"]
+
+
+def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, max_length: int):
+    """Join tokenized turns with the separator, keeping the newest that fit.
+
+    Returns ``(input_ids, truncated)``. Oldest turns go first; the newest turn
+    is never dropped, only cut from its start when it alone is too long.
+    """
+    budget = max_length - 1  # room for </s>
+    kept: list[list[int]] = []
+    used = 0
+    for ids in reversed(turn_ids):
+        cost = len(ids) + (len(sep_ids) if kept else 0)
+        if used + cost > budget:
+            break
+        kept.append(ids)
+        used += cost
+    truncated = len(kept) < len(turn_ids)
+    if not kept:  # the newest turn alone is too long: keep its end
+        kept = [turn_ids[-1][len(turn_ids[-1]) - budget :]] if budget > 0 else [[]]
+        truncated = True
+    out: list[int] = []
+    for ids in reversed(kept):
+        if out:
+            out.extend(sep_ids)
+        out.extend(ids)
+    out.append(eos_id)
+    return out, truncated
+
+
+def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list[int]:
+    """Token ids of the model input for a conversation so far (newest last).
+
+    The one function that defines the input format; `DailyDialogDataset`
+    does the same in batches. Very long text is cut on characters first so
+    that a 100,000-character prompt does not cost a long tokenization.
+    """
+    char_cap = max_length * 16  # far more characters than max_length tokens need
+    turns = [" ".join(t.split())[-char_cap:] for t in history]
+    turns = [t for t in turns if t]
+    if not turns:
+        raise ValueError("empty prompt: type some text")
+    turn_ids = tokenizer(turns, add_special_tokens=False)["input_ids"]
+    ids, _ = assemble_input(turn_ids, _separator_ids(tokenizer), tokenizer.eos_token_id, max_length)
+    return ids
+
+
+def encode_target(ids: list[int], eos_id: int, max_target_length: int) -> list[int]:
+    """Target ids cut to ``max_target_length`` tokens, always ending in </s>."""
+    return ids[: max_target_length - 1] + [eos_id]
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@dataclass
+class DatasetStats:
+    dialogues: int
+    pairs: int
+    skipped_lines: list[int]
+    truncated_inputs: int
+    truncated_targets: int
+    input_lengths: list[int] = field(repr=False)
+    target_lengths: list[int] = field(repr=False)
+
+    def summary(self) -> str:
+        def pct(values):
+            s = sorted(values)
+            return "/".join(str(s[min(len(s) - 1, int(q * len(s)))]) for q in (0.5, 0.9, 0.99)) + f"/{s[-1]}"
+
+        skipped = f"{len(self.skipped_lines)} skipped lines"
+        if self.skipped_lines:
+            skipped += " (e.g. line " + ", ".join(map(str, self.skipped_lines[:5])) + ": fewer than 2 turns)"
+        return (
+            f"{self.dialogues:,} dialogues, {self.pairs:,} pairs, {skipped}, "
+            f"{self.truncated_inputs} truncated inputs, {self.truncated_targets} truncated targets; "
+            f"tokens p50/p90/p99/max: input {pct(self.input_lengths)}, target {pct(self.target_lengths)}"
+        )
+
+
+class DailyDialogDataset(torch.utils.data.Dataset):
+    """(history -> response) pairs of a DailyDialog file, tokenized once.
+
+    ``ds[i]`` is ``{"input_ids": [...], "labels": [...]}`` (unpadded ids).
+    """
+
+    def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128):
+        self.path = Path(path)
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+        dialogues, skipped = read_dialogues(self.path)
+        self.pairs = dialogue_pairs(dialogues)
+
+        # Tokenize each distinct turn once, in one batched call of the fast
+        # tokenizer; pairs then only assemble lists of ids.
+        turns = [t for d in dialogues for t in d]
+        turn_ids = tokenizer(turns, add_special_tokens=False)["input_ids"]
+        sep_ids, eos = _separator_ids(tokenizer), tokenizer.eos_token_id
+        self.examples = []
+        truncated_inputs = truncated_targets = 0
+        start = 0
+        for d in dialogues:
+            ids = turn_ids[start : start + len(d)]
+            start += len(d)
+            for i in range(1, len(d)):
+                input_ids, cut = assemble_input(ids[:i], sep_ids, eos, max_length)
+                labels = encode_target(ids[i], eos, max_target_length)
+                truncated_inputs += cut
+                truncated_targets += len(ids[i]) + 1 > max_target_length
+                self.examples.append({"input_ids": input_ids, "labels": labels})
+        self.stats = DatasetStats(
+            dialogues=len(dialogues),
+            pairs=len(self.examples),
+            skipped_lines=skipped,
+            truncated_inputs=truncated_inputs,
+            truncated_targets=truncated_targets,
+            input_lengths=[len(e["input_ids"]) for e in self.examples],
+            target_lengths=[len(e["labels"]) for e in self.examples],
+        )
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Pad a batch to its own longest input and target (labels with -100)."""
+    src = max(len(e["input_ids"]) for e in examples)
+    tgt = max(len(e["labels"]) for e in examples)
+    input_ids = torch.full((len(examples), src), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), src), dtype=torch.long)
+    labels = torch.full((len(examples), tgt), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n, m = len(e["input_ids"]), len(e["labels"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"])
+        attention_mask[row, :n] = 1
+        labels[row, :m] = torch.tensor(e["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_cost(src_lengths, tgt_lengths, batch) -> int:
+    """Padded tokens a batch costs: rows x (longest input + longest target)."""
+    return len(batch) * (max(src_lengths[i] for i in batch) + max(tgt_lengths[i] for i in batch))
+
+
+def token_budget_batches(src_lengths, tgt_lengths, max_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches: similar lengths together, each example exactly once.
+
+    A pure function of ``(seed, epoch)`` (and the lengths), so a resumed or
+    distributed run recomputes the same order without saving sampler state.
+    Examples are shuffled, then sorted by input length in coarse buckets and
+    by target length inside a bucket, so that both the input and the target
+    of a batch pad little; batches fill up to ``max_tokens`` padded tokens
+    and are then shuffled so an epoch does not go from short to long.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(src_lengths)))
+    rng.shuffle(order)  # random tie-breaking between equal lengths
+    bucket = 8  # input tokens per bucket: coarse enough to group targets too
+    order.sort(key=lambda i: (src_lengths[i] // bucket, tgt_lengths[i]))
+    batches, current, src_max, tgt_max = [], [], 0, 0
+    for i in order:
+        s, t = max(src_max, src_lengths[i]), max(tgt_max, tgt_lengths[i])
+        if current and (len(current) + 1) * (s + t) > max_tokens:
+            batches.append(current)
+            current, s, t = [], src_lengths[i], tgt_lengths[i]
+        current.append(i)
+        src_max, tgt_max = s, t
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def padding_efficiency(src_lengths, tgt_lengths, batches) -> float:
+    """Real tokens / padded tokens processed (1.0 means no padding)."""
+    real = sum(src_lengths[i] + tgt_lengths[i] for b in batches for i in b)
+    padded = sum(batch_cost(src_lengths, tgt_lengths, b) for b in batches)
+    return real / max(padded, 1)
+
+
+def steps_per_epoch(num_batches: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch; a last, partial accumulation still steps."""
+    return math.ceil(num_batches / accumulation)
