@@ -53,6 +53,8 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a DailyDialog text file; pass the .txt file")
     raw = path.read_bytes()
+    if b"\x00" in raw[:4096]:  # text files never hold NUL bytes
+        raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
     if not raw.strip():
         raise DataError(f"{path}: file is empty; give a DailyDialog file (one dialogue per line, turns ended by {EOU})")
     try:
@@ -60,8 +62,6 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line} is not valid UTF-8; re-save the file as UTF-8") from None
-    if "\x00" in text:
-        raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
     if EOU not in text:
         raise DataError(
             f"{path}: no '{EOU}' anywhere, so this is not DailyDialog format "

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint as ckpt
-from dataset import DailyDialogDataset, DataError, collate, read_dialogues, steps_per_epoch, token_budget_batches
+from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, steps_per_epoch, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "t5-small"
@@ -202,7 +202,9 @@ def build_scratch(train_file, vocab_size: int, seed: int, **config_overrides):
     from transformers import T5Config, T5ForConditionalGeneration
 
     dialogues, _ = read_dialogues(train_file)
-    tokenizer = train_tokenizer([t for d in dialogues for t in d], vocab_size)
+    # Train on the text as the model sees it, separator included, so that
+    # __eou__ gets tokens of its own instead of <unk>.
+    tokenizer = train_tokenizer([SEPARATOR.join(d) for d in dialogues], vocab_size)
     config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       decoder_start_token_id=tokenizer.pad_token_id, **{**SCRATCH_CONFIG, **config_overrides})
     torch.manual_seed(seed)
@@ -607,6 +609,7 @@ def truncate_metrics(out: Path, step: int):
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
+    check_args(args)
     out = Path(args.output_dir)
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -622,7 +625,6 @@ def run(argv) -> int:
         for key, value in recorded.items():  # flags not typed now come from the run being resumed
             if key not in explicit and key not in ("resume", "output_dir") and hasattr(args, key):
                 setattr(args, key, value)
-    check_args(args)
     data_note = default_data(args)
 
     from transformers.utils import logging as hf_logging
