@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -204,15 +206,19 @@ def newest_valid(output_dir, warn=print) -> Path | None:
 
 def load_training_state(path) -> dict:
     """The training state, refusing anything but plain tensors and numbers."""
+    file = Path(path) / STATE
     try:
         # weights_only=True is explicit on purpose, with no fallback: a pickle
         # that asks to run code is refused instead of executed.
-        return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes would break our one-line errors
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = f"it asks to run {found.group(1)}" if found else "it is damaged or not plain tensors"
         raise CheckpointError(
-            f"{Path(path) / STATE}: refused to load the training state ({first[:160]}); "
-            "it is damaged or not from this tool: start a new run with another --output-dir"
+            f"{file}: refused to load the training state ({why}); it was not written by this tool: "
+            "start a new run with another --output-dir"
         ) from None
 
 

@@ -13,6 +13,7 @@ evaluation -> crash-safe checkpoints (checkpoint.py) -> loss plot.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not applied to biases and layer norms)")
     a("--warmup-ratio", type=float, default=0.05, help="share of all steps spent warming the learning rate up from 0")
-    a("--max-tokens", type=int, default=4096, help="token budget of a batch: rows x (longest input + longest target)")
+    a("--max-tokens", type=int, default=2048, help="token budget of a batch: rows x (longest input + longest target)")
     a("--grad-accum", type=int, default=1, help="batches whose gradients are summed before one optimizer step")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this value (0 disables)")
     a("--max-length", type=int, default=512, help="input tokens; older turns are dropped first")
@@ -135,10 +136,10 @@ def default_data(args) -> str:
 def prepare_output_dir(out: Path, resume: bool, is_main: bool):
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is an existing file; pass a folder path")
-    ours = bool(ckpt.list_checkpoints(out)) or any((out / name).exists() for name in (ckpt.INDEX, METRICS))
+    has_run = bool(ckpt.list_checkpoints(out)) or (out / ckpt.INDEX).exists()
     if resume and not ckpt.list_checkpoints(out):
         raise UsageError(f"--resume: no checkpoint in {out}; run without --resume to start training, or pass the right --output-dir")
-    if ours and not resume:
+    if has_run and not resume:
         raise UsageError(f"{out} already holds a training run; add --resume to continue it, or pass another --output-dir")
     if not is_main:
         return
@@ -256,13 +257,23 @@ def setup_distributed(device_flag: str):
     """(rank, world_size, device); initialises torch.distributed under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
-            raise UsageError("WORLD_SIZE is set but RANK/MASTER_ADDR are not; launch with torchrun (see README)")
+        if not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+            raise UsageError("WORLD_SIZE is set but RANK/MASTER_ADDR/MASTER_PORT are not; launch with torchrun (see README)")
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        import datetime
+
+        # How long a rank waits for the others (start-up, barriers, collectives)
+        # before it gives up with an error instead of hanging.
+        timeout = float(os.environ.get("TRAIN_DIST_TIMEOUT", "1800"))
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+        except dist.DistError as e:
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UsageError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({reason}); "
+                             f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
         return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if device_flag == "auto":
         device_flag = "cuda" if torch.cuda.is_available() else "cpu"
@@ -377,14 +388,19 @@ class StopFlag:
 
 
 def fault(stage: str, step: int):
-    """Test hook: TRAIN_FAULT=stage@step kills (SIGKILL) or fails a write there."""
-    spec = os.environ.get("TRAIN_FAULT", "")
-    for item in filter(None, spec.split(",")):
-        name, _, at = item.partition("@")
-        if at and int(at) == step and name in (stage, f"enospc:{stage}"):
-            if name.startswith("enospc:"):
-                raise OSError(28, "No space left on device")
-            os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: TRAIN_FAULT="[action:]stage@step,..." acts at that point.
+
+    action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT) or
+    enospc (a write that fails as on a full disk). Stages: mid_step,
+    mid_save, before_commit, before_prune. Unset, this does nothing.
+    """
+    for item in filter(None, os.environ.get("TRAIN_FAULT", "").split(",")):
+        where, _, at = item.partition("@")
+        action, _, where = where.rpartition(":")
+        if where == stage and int(at) == step:
+            if action == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action])
 
 
 # ---------------------------------------------------------------- training
@@ -399,10 +415,10 @@ class Trainer:
         self.model = model.to(device)
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
         self.optimizer = make_optimizer(model, args)
-        per_epoch = len(epoch_plan(train_ds, args, 0, world))
-        self.total_steps = args.max_steps or args.epochs * per_epoch
-        if args.max_steps:
-            args.epochs = math.ceil(args.max_steps / per_epoch)
+        # Epochs differ slightly in length (batches are filled greedily after a
+        # shuffle), so count each epoch's steps from its own plan.
+        per_epoch = [len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs)]
+        self.total_steps = args.max_steps or sum(per_epoch)
         warmup = int(args.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_linear(warmup, self.total_steps))
         self.step = self.epoch = self.position = 0
@@ -414,7 +430,8 @@ class Trainer:
     def training_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "position": self.position,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "best_val_loss": self.best_loss, "best_step": self.best_step, "world_size": self.world}
+                "rng": rng_state(), "best_val_loss": self.best_loss, "best_step": self.best_step, "world_size": self.world,
+                "batches_per_step": self.args.grad_accum * self.world}
 
     def load_state(self, state: dict):
         self.optimizer.load_state_dict(state["optimizer"])
@@ -422,6 +439,13 @@ class Trainer:
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.saved_step = self.step
+        before, now = state.get("batches_per_step"), self.args.grad_accum * self.world
+        if before and before != now:  # another world size or --grad-accum: go on at the same batch of the epoch
+            self.position = -(-self.position * before // now)
+            self.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
+                     f"{self.position * now} of epoch {self.epoch + 1}")
+        if self.position >= len(epoch_plan(self.train_ds, self.args, self.epoch, self.world)):
+            self.epoch, self.position = self.epoch + 1, 0
         set_rng_state(state["rng"])
         if self.world > 1 and self.rank > 0:  # other ranks: their own dropout noise
             torch.manual_seed(self.args.seed * 1000 + self.rank * 7919 + self.step)
@@ -432,7 +456,6 @@ class Trainer:
         if self.rank == 0:
             hooks = {"mid_save": lambda: fault("mid_save", self.step), "before_commit": lambda: fault("before_commit", self.step),
                      "before_prune": lambda: fault("before_prune", self.step)}
-            fault("enospc:save", self.step)
             val = self.val_at.get(self.step)
             if val is not None and (self.best_loss is None or val < self.best_loss):
                 self.best_loss, self.best_step = val, self.step
@@ -495,8 +518,8 @@ class Trainer:
         self.model.train()
         window = {"loss": torch.zeros((), device=self.device), "real": 0, "start": time.perf_counter(), "n": 0}
         while self.step < self.total_steps:
-            plan = epoch_plan(self.train_ds, args, self.epoch, self.world)
-            while self.position < len(plan) and self.step < self.total_steps:
+            epoch, plan = self.epoch, epoch_plan(self.train_ds, args, self.epoch, self.world)
+            while self.epoch == epoch and self.step < self.total_steps:
                 step_batches = plan[self.position]
                 loss_sum, tokens, grad_norm, real = self.train_step(step_batches)
                 self.step += 1
@@ -586,7 +609,8 @@ def banner(args, model, train_ds, val_ds, device, world, steps, tokenizer, log):
     log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,})")
     log(f"train: {train_ds.path}: {train_ds.stats.summary()}")
     log(f"valid: {val_ds.path}: {val_ds.stats.summary()}")
-    log(f"steps: {steps:,} ({args.epochs} epochs; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
+    epochs = f"{args.epochs} epochs" if not args.max_steps else f"--max-steps {args.max_steps}"
+    log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
     for i in (0, len(train_ds) // 2):
         e = train_ds[i]
@@ -646,10 +670,10 @@ def run(argv) -> int:
     torch.manual_seed(args.seed + rank)  # dropout noise; each rank its own
     random.seed(args.seed)
     trainer = Trainer(args, model, tokenizer, train_ds, val_ds, device, rank, world, out, log)
+    if rank == 0:  # rows past the resumed step (or all, when starting over) are stale
+        truncate_metrics(out, state["step"] if state else 0)
     if state is not None:
         trainer.load_state(state)
-        if rank == 0:
-            truncate_metrics(out, trainer.step)
         log(f"resuming from {resume_from.name}: step {trainer.step}, epoch {trainer.epoch + 1}, "
             f"{trainer.position} steps into it")
     banner(args, model, train_ds, val_ds, device, world, trainer.total_steps, tokenizer, log)
@@ -668,7 +692,8 @@ def run_generation_eval(args, checkpoint_dir: Path, log):
     import eval as evaluation
 
     report = evaluation.main(["--checkpoint", str(checkpoint_dir), "--data", args.val_file,
-                              "--max-examples", str(args.eval_generate), "--out", str(checkpoint_dir / "eval")])
+                              "--max-examples", str(args.eval_generate), "--out", str(checkpoint_dir / "eval"),
+                              "--device", args.device])
     if report:
         log(f"generation eval failed with exit code {report}")
 
@@ -679,6 +704,14 @@ def main(argv=None) -> int:
     except (UsageError, DataError, ckpt.CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun: another rank died or stopped answering
+        if not (dist.is_available() and dist.is_initialized()) or not (
+                isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
+            raise
+        reason = str(e).strip().splitlines()[0].split(". ")[0][:200]
+        print("\n" * (dist.get_rank() == 0) + f"train.py: error: rank {dist.get_rank()}: lost contact with the other processes ({reason}); "
+              f"another rank probably failed first: see its message (torchrun names it under 'Root Cause')", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

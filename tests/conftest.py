@@ -46,7 +46,9 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def run_cli(*args, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
     """Run a project script as a user would: `python script.py args` in the project root."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # One thread: tiny models gain nothing from more, and on a busy 2-core
+    # machine spinning OpenMP threads slow every step down a hundredfold.
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, input=input,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -90,7 +90,7 @@ def test_help_documents_every_flag_with_its_default():
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.option_strings[0] in result.stdout
-    assert "(default: 4096)" in result.stdout.replace("\n", " ").replace("  ", " ")
+    assert "(default: 2048)" in result.stdout.replace("\n", " ").replace("  ", " ")
 
 
 def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_dir, tmp_path):

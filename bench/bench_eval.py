@@ -1,0 +1,104 @@
+"""How much batching buys eval.py: batched generation vs one generate_response call per pair.
+
+    python bench/bench_eval.py                      # 1,000 validation pairs, scratch-size T5 (a few minutes on 2 CPU cores)
+    python bench/bench_eval.py --pairs 100          # quicker, for development
+    python bench/bench_eval.py --model DIR          # any checkpoint (folder or output dir) instead
+
+Both arms decode the same pairs with the same settings (infer.py's defaults,
+but --max-new-tokens 32) and must give the same text; only the generation is
+timed, the part where the two differ (perplexity and metrics cost the same
+either way). Without --model the model is train.SCRATCH_CONFIG (d_model 256,
+4+4 layers) with random weights and a tokenizer trained on
+../shared/dailydialog/train.txt: an untrained model never says </s>, so every
+reply runs the full --max-new-tokens, the worst case for both arms. The data
+is the first --pairs pairs of ../shared/dailydialog/validation.txt; without
+../shared the benchmark is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "dailydialog"
+
+import torch  # noqa: E402
+
+import eval as evaluation  # noqa: E402
+import infer  # noqa: E402
+import train  # noqa: E402
+from dataset import dialogue_pairs, read_dialogues  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pairs", type=int, default=1000, help="validation pairs to decode in each arm")
+    p.add_argument("--batch-size", type=int, default=evaluation.BATCH_SIZE, help="rows per generate() call, batched arm")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap (an untrained model always reaches it)")
+    p.add_argument("--model", default=None, help="checkpoint folder or output dir (default: random-init scratch T5)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    # One thread by default: on cores shared with other jobs, several OpenMP threads spin-wait for each other
+    # and both arms slow down up to 10x, erratically; one thread gives steady, comparable timings.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's choice)")
+    return p
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (SHARED / "validation.txt").exists() or (args.model is None and not (SHARED / "train.txt").exists()):
+        print(f"skipped: {SHARED} is absent (this benchmark reads the shared DailyDialog sample)")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.model:
+        path = infer.find_checkpoint(args.model)
+        model, tokenizer = infer.load(path, device)
+        max_length, name = infer.max_input_length(path), str(path)
+    else:
+        model, tokenizer = train.build_scratch(SHARED / "train.txt", vocab_size=8000, seed=0)
+        model = model.to(device).eval()
+        max_length, name = 512, "scratch T5 (train.SCRATCH_CONFIG), random init"
+    histories = [h for h, _ in dialogue_pairs(read_dialogues(SHARED / "validation.txt")[0])][: args.pairs]
+    options = {**infer.GENERATION_DEFAULTS, "max_new_tokens": args.max_new_tokens}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {name} ({params / 1e6:.1f}M parameters); {len(histories):,} pairs of {SHARED / 'validation.txt'}; "
+          f"device {device}, {torch.get_num_threads()} threads; decoding {options}")
+
+    one = lambda h: infer.generate_response(h[-1], model, tokenizer, device, history=h[:-1], max_length=max_length, **options)  # noqa: E731
+    one(histories[0])  # warm-up: first-call allocations are not what we measure
+    batched, t_batched = timed(lambda: evaluation.generate_all(histories, model, tokenizer, device, max_length,
+                                                              args.batch_size, progress=False, **options))
+    single, t_single = timed(lambda: [one(h) for h in histories])
+
+    mismatches = sum(a != b for a, b in zip(batched, single))
+    new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in batched) / len(batched)
+    result = {"pairs": len(histories), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "one_by_one_s": round(t_single, 2), "batched_s": round(t_batched, 2), "speedup": round(t_single / t_batched, 2),
+              "mismatches": mismatches, "mean_reply_tokens": round(new_tokens, 1), "device": str(device),
+              "threads": torch.get_num_threads(), "model": name}
+    print(f"one generate_response per pair: {t_single:7.1f} s  ({len(histories) / t_single:6.1f} pairs/s)")
+    print(f"batched (--batch-size {args.batch_size}):       {t_batched:7.1f} s  ({len(histories) / t_batched:6.1f} pairs/s)")
+    print(f"speedup: {t_single / t_batched:.1f}x; replies that differ: {mismatches}; mean reply {new_tokens:.1f} tokens")
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "bench_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Score a checkpoint on DailyDialog: a generated reply for every pair, then metrics.
+
+    python eval.py --data data/dailydialog/validation.txt                  # best, else latest in checkpoints/
+    python eval.py --checkpoint DIR --data FILE --max-examples 500 --out DIR
+    python eval.py ... --num-beams 4                                        # decoding flags as in infer.py
+
+Every turn after the first of every dialogue in --data is a reference; its
+history goes through `dataset.encode_history`, as in training and infer.py.
+Prints a table of the metrics (metrics.py explains each one) and writes into
+--out (default: ``<checkpoint>/eval``):
+
+- ``report.json``: the metrics, the decoding settings, the checkpoint, the
+  data file and its sha256, the number of pairs;
+- ``samples.jsonl``: one ``{"context": [turns], "reference", "response"}``
+  object per pair, in file order.
+
+Perplexity is teacher-forced on the same inputs and labels as training
+(the checkpoint's --max-length and --max-target-length) and is per target
+token, ``</s>`` included, padding excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint as ckpt
+import train
+from dataset import DailyDialogDataset, DataError, collate, encode_history, read_dialogues
+from infer import (DEFAULT_DIR, InferError, OneLineParser, _generate, add_generation_args, find_checkpoint,
+                   generation_options, load, max_input_length)
+from metrics import compute_metrics, format_table, perplexity
+
+BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
+
+
+class UsageError(ValueError):
+    """A flag the user can fix; printed in one line."""
+
+
+# ---------------------------------------------------------------- generation and perplexity
+
+
+def generate_all(histories: list[list[str]], model, tokenizer, device, max_length: int = 512,
+                 batch_size: int = BATCH_SIZE, progress: bool = True, **options) -> list[str]:
+    """A reply to every history (turns, newest last), in the order given.
+
+    Inputs are built by `encode_history` exactly as `infer.generate_response`
+    builds them, sorted by length (longest first, so running out of memory
+    shows at once and the progress bar's estimate errs on the safe side) and
+    decoded `batch_size` at a time, each batch padded to its own longest
+    input. Greedy and beam decoding give the same text as one call per
+    history; sampling draws differ, as any change of batching makes them.
+    """
+    from tqdm import tqdm
+
+    inputs = [encode_history(tokenizer, h, max_length) for h in histories]
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    responses: list[str] = [""] * len(inputs)
+    with tqdm(total=len(inputs), desc="generating", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            for i, text in zip(rows, _generate([inputs[i] for i in rows], model, tokenizer, device, **options)):
+                responses[i] = text
+            bar.update(len(rows))
+    return responses
+
+
+@torch.no_grad()
+def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = BATCH_SIZE) -> tuple[float, int]:
+    """(summed negative log-likelihood, number of target tokens), teacher-forced.
+
+    ``examples`` are `DailyDialogDataset` items; the loss is training's own
+    `train.token_loss_sum`, so this is the validation loss of train.py
+    without its per-token division.
+    """
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    nll, tokens = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = train.to_device(collate([examples[i] for i in order[start : start + batch_size]], pad_id), device)
+        nll += train.token_loss_sum(model, batch).item()
+        tokens += int((batch["labels"] != -100).sum())
+    return nll, tokens
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/)")
+    p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
+    p.add_argument("--out", default=None, help="folder for report.json and samples.jsonl (default: <checkpoint>/eval)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per generation (and perplexity) batch")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_generation_args(p)
+    return p
+
+
+def pick_device(flag: str) -> torch.device:
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UsageError(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {flag}: no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def finite_or_none(value):
+    """JSON has no inf/nan: a perplexity that overflowed is written as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def prepare_out(out: Path):
+    """Create --out and check it takes files, before the minutes of generation rather than after."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f"{ckpt.TMP_PREFIX}write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
+
+
+def write_outputs(out: Path, report: dict, samples: list[dict]):
+    try:
+        with open(out / "samples.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        ckpt.write_json_atomic(out / "report.json", report)  # last: its presence means the run finished
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e}); pass another folder") from None
+
+
+def run(argv) -> int:
+    args = build_parser().parse_args(argv)
+    options = generation_options(args)  # InferError on a bad decoding flag
+    if args.max_examples is not None and args.max_examples <= 0:
+        raise UsageError(f"--max-examples must be positive, got {args.max_examples}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    device = pick_device(args.device)
+    path = find_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else path / "eval"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; pass a folder path")
+    read_dialogues(args.data)  # DataError before minutes of model loading, not after
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the library's "loading weights" bar would crowd ours
+    model, tokenizer = load(path, device)
+    max_length = max_input_length(path)
+    max_target_length = int(ckpt.read_run_config(path).get("max_target_length", 128))
+    ds = DailyDialogDataset(tokenizer, args.data, max_length, max_target_length)
+    prepare_out(out)
+    n = min(args.max_examples or len(ds), len(ds))
+    pairs, examples = ds.pairs[:n], ds.examples[:n]
+    print(f"evaluating {path} on {n:,} of {len(ds):,} pairs of {args.data} (device {device})")
+
+    nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, device, args.batch_size)
+    torch.manual_seed(args.seed)
+    responses = generate_all([history for history, _ in pairs], model, tokenizer, device, max_length, args.batch_size, **options)
+    references = [reference for _, reference in pairs]
+    metrics = {"perplexity": perplexity(nll, tokens), **compute_metrics(responses, references)}
+
+    report = {
+        "checkpoint": str(path),
+        "data": str(args.data),
+        "data_sha256": sha256(Path(args.data)),
+        "num_pairs": n,
+        "pairs_in_file": len(ds),
+        "target_tokens": tokens,
+        "max_length": max_length,
+        "max_target_length": max_target_length,
+        "decoding": {**options, "seed": args.seed, "batch_size": args.batch_size},
+        "metrics": {k: finite_or_none(v) for k, v in metrics.items()},
+    }
+    samples = [{"context": history, "reference": reference, "response": response}
+               for (history, reference), response in zip(pairs, responses)]
+    write_outputs(out, report, samples)
+    print(format_table(metrics))
+    print(f"wrote {out / 'report.json'} and {out / 'samples.jsonl'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else [str(a) for a in argv])
+    except (InferError, DataError, UsageError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

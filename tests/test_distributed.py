@@ -1,0 +1,212 @@
+"""Data-parallel training under torchrun: CPU, gloo, two processes, tiny T5.
+
+Two base runs of 8 steps are shared by the tests: 2 ranks x 1 batch per step
+(torchrun) and 1 rank x 2 accumulated batches (plain python). With dropout
+off they must see the same batches and end with the same weights, and each
+checkpoint of one must resume in the other world size.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error
+from safetensors.torch import load_file
+
+import checkpoint as ckpt
+
+STEPS = 8  # 16 of the tiny data's 20 batches per epoch: both runs stay in epoch 0
+DIST_ENV = {"TRAIN_DIST_TIMEOUT": "60"}  # a bug fails in a minute instead of hanging for half an hour
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch(cmd, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run cmd in the project root, offline, with no torchrun variables but those in env."""
+    full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    full_env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **DIST_ENV, **(env or {})})
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(*args, nproc=2, script="train.py", env=None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N train.py args`."""
+    return launch(["-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", free_port(), script, *args], env)
+
+
+def python(*args, env=None) -> subprocess.CompletedProcess:
+    """`python script.py args`: one process."""
+    return launch(args, env)
+
+
+def args_for(model, data, out, *extra):
+    return ["--model", model, "--train-file", data / "train.txt", "--val-file", data / "validation.txt",
+            "--output-dir", out, *TINY_FLAGS, "--max-steps", str(STEPS), "--log-examples", *extra]
+
+
+def rows(out, key="loss"):
+    return [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def weights(checkpoint_dir):
+    return load_file(checkpoint_dir / "model.safetensors")
+
+
+def step_dir(out, step):
+    return out / f"{ckpt.PREFIX}{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def nodrop_model(tmp_path_factory):
+    """The tiny T5 without dropout: ranks draw different dropout noise, so exact comparisons need none."""
+    import train
+
+    d = tmp_path_factory.mktemp("tiny-t5-nodrop")
+    model, tokenizer = train.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **{**TINY_CONFIG, "dropout_rate": 0.0})
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def two_ranks(nodrop_model, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks") / "ckpts"
+    result = torchrun(*args_for(nodrop_model, data_dir, out, "--grad-accum", "1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def one_rank(nodrop_model, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-rank") / "ckpts"
+    result = python("train.py", *args_for(nodrop_model, data_dir, out, "--grad-accum", "2"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+def test_torchrun_trains_and_only_rank_0_writes(two_ranks):
+    out, result = two_ranks
+    # One checkpoint set: the saves at steps 4 and 8, nothing half-written, no file per rank.
+    assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl", "loss.png"}
+    for step in (4, 8):
+        assert ckpt.verify(step_dir(out, step)) is None
+    # One metrics row per step and per validation: rank 1 wrote none.
+    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows(out, "val_loss")] == [4, 8]
+    assert all(len(r["examples"]) > 0 for r in rows(out))
+    # Same format as a single process: no DDP `module.` prefixes, loadable as is.
+    assert not [k for k in weights(step_dir(out, 8)) if k.startswith("module.")]
+    state = ckpt.load_training_state(step_dir(out, 8))
+    assert state["world_size"] == 2 and state["step"] == STEPS
+    # What the user sees comes once, from rank 0.
+    assert result.stdout.count("device: cpu x 2 processes") == 1
+    assert result.stdout.count("done: 8 steps") == 1
+    assert result.stdout.count("step 8: validation loss") == 1
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_batch(two_ranks, one_rank):
+    """2 ranks x 1 batch per step == 1 rank x 2 accumulated batches: same batches, losses, weights."""
+    (out2, _), (out1, _) = two_ranks, one_rank
+    r2, r1 = rows(out2), rows(out1)
+    assert [r["examples"] for r in r2] == [r["examples"] for r in r1]  # each step, the same examples
+    torch.testing.assert_close([r["loss"] for r in r2], [r["loss"] for r in r1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close([r["grad_norm"] for r in r2], [r["grad_norm"] for r in r1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close([r["val_loss"] for r in rows(out2, "val_loss")], [r["val_loss"] for r in rows(out1, "val_loss")],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights(step_dir(out2, 8)), weights(step_dir(out1, 8)), rtol=1e-5, atol=1e-5)
+
+
+def resume_copy(out, tmp_path):
+    """A copy of a finished run with its last checkpoint gone: --resume restarts from step 4."""
+    copy = tmp_path / "ckpts"
+    shutil.copytree(out, copy)
+    shutil.rmtree(step_dir(copy, 8))
+    return copy
+
+
+def assert_infer_loads(checkpoint_dir):
+    result = python("infer.py", "--checkpoint", checkpoint_dir, "hello")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() and len(result.stdout.strip().splitlines()) == 1, result.stdout
+
+
+def test_checkpoint_of_one_rank_resumes_with_two_ranks(one_rank, two_ranks, nodrop_model, data_dir, tmp_path):
+    copy = resume_copy(one_rank[0], tmp_path)
+    # 2 ranks x 1 batch takes the same batches per step as the 1 rank x 2 that wrote the checkpoint,
+    # so the resumed run must end exactly where the uninterrupted 2-rank run did.
+    result = torchrun(*args_for(nodrop_model, data_dir, copy, "--resume", "--grad-accum", "1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004" in result.stdout
+    resumed, straight = rows(copy), rows(two_ranks[0])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no step twice, none missing
+    assert [r["examples"] for r in resumed] == [r["examples"] for r in straight]
+    torch.testing.assert_close([r["loss"] for r in resumed], [r["loss"] for r in straight], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights(step_dir(copy, 8)), weights(step_dir(two_ranks[0], 8)), rtol=1e-5, atol=1e-5)
+    assert ckpt.load_training_state(step_dir(copy, 8))["world_size"] == 2
+    assert_infer_loads(step_dir(copy, 8))
+
+
+def test_checkpoint_of_two_ranks_resumes_with_one(two_ranks, nodrop_model, data_dir, tmp_path):
+    copy = resume_copy(two_ranks[0], tmp_path)
+    # One rank with the recorded --grad-accum 1 takes 1 batch per step where the checkpoint took 2:
+    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4.
+    result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004" in result.stdout and "continuing at batch 8" in result.stdout
+    resumed, straight = rows(copy), rows(two_ranks[0])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert resumed[:4] == straight[:4]  # rows of the 2-rank part kept as they were
+    after = [r["examples"] for r in resumed[4:]]
+    assert after[0] + after[1] == straight[4]["examples"] and after[2] + after[3] == straight[5]["examples"]
+    assert ckpt.load_training_state(step_dir(copy, 8))["world_size"] == 1
+    assert_infer_loads(step_dir(copy, 8))
+
+
+# ---------------------------------------------------------------- launch mistakes
+
+
+def test_world_size_without_a_rendezvous_is_a_one_line_error(tiny_model, data_dir, tmp_path):
+    result = python("train.py", *args_for(tiny_model, data_dir, tmp_path / "out"), env={"WORLD_SIZE": "2"})
+    assert_user_error(result, "WORLD_SIZE", "RANK", "torchrun")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ranks_that_never_join_end_with_a_one_line_error_not_a_hang(tiny_model, data_dir, tmp_path):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "TRAIN_DIST_TIMEOUT": "2"}
+    start = time.perf_counter()
+    result = python("train.py", *args_for(tiny_model, data_dir, tmp_path / "out"), env=env)
+    assert_user_error(result, "rank 0 of 2", "did not join", "torchrun")
+    assert time.perf_counter() - start < 60
+
+
+def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
+    """Rank 1 is SIGKILLed at step 3: torchrun stops rank 0 too and names the rank that failed."""
+    wrapper = tmp_path / "rank1_dies.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "if os.environ['RANK'] != '1':\n"
+        "    os.environ.pop('TRAIN_FAULT')\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"sys.argv[0] = {str(ROOT / 'train.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"TRAIN_FAULT": "mid_step@3"})
+    assert result.returncode != 0
+    assert time.perf_counter() - start < 150  # not a hang: well under the subprocess timeout
+    assert "Root Cause" in result.stderr and "SIGKILL" in result.stderr  # torchrun's summary names rank 1
+    assert "[rank0]: Traceback" not in result.stderr  # rank 0 explains itself in one line instead
+    assert "rank 0: lost contact with the other processes" in result.stderr
+    assert not ckpt.list_checkpoints(out)  # nothing saved past the failure (first save is at step 4)
