@@ -74,6 +74,14 @@ def write_json_atomic(path: Path, data):
     _fsync_path(path.parent)
 
 
+def make_writable_dir(path: Path):
+    """Create ``path`` and prove a file can be written there (raises OSError)."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f"{TMP_PREFIX}write-test"
+    probe.write_text("ok")
+    probe.unlink()
+
+
 def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
@@ -214,7 +222,7 @@ def load_training_state(path) -> dict:
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes would break our one-line errors
             return torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the function the pickle wanted to call
         why = f"it asks to run {found.group(1)}" if found else "it is damaged or not plain tensors"
         raise CheckpointError(
             f"{file}: refused to load the training state ({why}); it was not written by this tool: "

@@ -131,10 +131,7 @@ def finite_or_none(value):
 def prepare_out(out: Path):
     """Create --out and check it takes files, before the minutes of generation rather than after."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{ckpt.TMP_PREFIX}write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        ckpt.make_writable_dir(out)
     except OSError as e:
         raise UsageError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
 

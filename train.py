@@ -144,10 +144,7 @@ def prepare_output_dir(out: Path, resume: bool, is_main: bool):
     if not is_main:
         return
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{ckpt.TMP_PREFIX}write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        ckpt.make_writable_dir(out)
     except OSError as e:
         raise UsageError(f"--output-dir {out} is not writable ({e.strerror}); fix its permissions or pass another folder") from None
     removed = ckpt.remove_leftovers(out)

@@ -11,7 +11,7 @@ folder, loaded by each arm) and train on the same tokenized pairs:
   ours  train.py's Trainer with its defaults (token-budget batches), via train.main
   hf    Seq2SeqTrainer + DataCollatorForSeq2Seq, train_sampling_strategy="group_by_length",
         batch 16, the same peak lr and warmup share
-  seed  the seed recipe: every input padded to --max-length (512), every target to 128,
+  seed  the seed recipe: every input and every target padded to 512 tokens,
         batch 2; measured on the first --seed-pairs pairs only (it is ~20x slower)
 
 Validation loss of every arm comes from one function (`shared_val_loss`:
@@ -196,7 +196,7 @@ def arm_hf(w: Path, lr: float, warmup: float, epochs: int) -> dict:
 
 
 def arm_seed(w: Path, lr: float, pairs: int) -> dict:
-    """Every input padded to 512, every target to 128, batch 2, on the first `pairs` pairs."""
+    """The seed's recipe: inputs and targets each padded to 512 tokens, batch 2, on the first `pairs` pairs."""
     import random
 
     import torch
@@ -216,7 +216,7 @@ def arm_seed(w: Path, lr: float, pairs: int) -> dict:
         ex = [ds[i] for i in idx[k : k + 2]]
         input_ids = torch.full((len(ex), 512), tokenizer.pad_token_id)
         mask = torch.zeros_like(input_ids)
-        labels = torch.full((len(ex), 128), -100)
+        labels = torch.full((len(ex), 512), -100)
         for r, e in enumerate(ex):
             input_ids[r, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
             mask[r, : len(e["input_ids"])] = 1
@@ -232,7 +232,7 @@ def arm_seed(w: Path, lr: float, pairs: int) -> dict:
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     return {"arm": "seed", "seconds": seconds, "cpu_seconds": cpu, "steps": (len(idx) + 1) // 2, "real_tokens": real,
             "padding_efficiency": real / processed, "peak_rss_mib": peak_rss_mib(), "val_loss": None,
-            "settings": f"pad 512+128, batch 2, first {len(idx)} pairs only",
+            "settings": f"pad 512+512, batch 2, first {len(idx)} pairs only",
             "flops": model_flops(model.config, [ds.src_lengths[i] for i in idx], [ds.tgt_lengths[i] for i in idx])}
 
 
