@@ -202,6 +202,7 @@ class DailyDialogDataset(torch.utils.data.Dataset):
                 truncated_inputs += cut
                 truncated_targets += len(ids[i]) + 1 > max_target_length
                 self.examples.append({"input_ids": input_ids, "labels": labels})
+        self.pad_id = tokenizer.pad_token_id  # for collate
         self.stats = DatasetStats(
             dialogues=len(dialogues),
             pairs=len(self.examples),
@@ -211,6 +212,14 @@ class DailyDialogDataset(torch.utils.data.Dataset):
             input_lengths=[len(e["input_ids"]) for e in self.examples],
             target_lengths=[len(e["labels"]) for e in self.examples],
         )
+
+    @property
+    def src_lengths(self) -> list[int]:
+        return self.stats.input_lengths
+
+    @property
+    def tgt_lengths(self) -> list[int]:
+        return self.stats.target_lengths
 
     def __len__(self):
         return len(self.examples)

@@ -33,8 +33,8 @@ import torch
 import checkpoint as ckpt
 import train
 from dataset import DailyDialogDataset, DataError, collate, encode_history, read_dialogues
-from infer import (DEFAULT_DIR, InferError, OneLineParser, _generate, add_generation_args, find_checkpoint,
-                   generation_options, load, max_input_length)
+from infer import (DEFAULT_DIR, InferError, OneLineParser, generate_ids, add_generation_args, find_checkpoint,
+                   generation_options, load, max_input_length, pick_device)
 from metrics import compute_metrics, format_table, perplexity
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
@@ -66,7 +66,7 @@ def generate_all(histories: list[list[str]], model, tokenizer, device, max_lengt
     with tqdm(total=len(inputs), desc="generating", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            for i, text in zip(rows, _generate([inputs[i] for i in rows], model, tokenizer, device, **options)):
+            for i, text in zip(rows, generate_ids([inputs[i] for i in rows], model, tokenizer, device, **options)):
                 responses[i] = text
             bar.update(len(rows))
     return responses
@@ -104,18 +104,6 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add_generation_args(p)
     return p
-
-
-def pick_device(flag: str) -> torch.device:
-    if flag == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise UsageError(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {flag}: no CUDA device here; use --device cpu or auto")
-    return device
 
 
 def sha256(path: Path) -> str:

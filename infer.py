@@ -76,6 +76,19 @@ def load(path: Path, device):
     return model.to(device).eval(), tokenizer
 
 
+def pick_device(flag: str) -> torch.device:
+    """--device: auto (CUDA when present), cpu, cuda or cuda:N."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise InferError(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferError(f"--device {flag}: no CUDA device here; use --device cpu or auto")
+    return device
+
+
 def max_input_length(path: Path) -> int:
     """The input length the model was trained with (512 when unknown)."""
     return int(ckpt.read_run_config(path).get("max_length", 512))
@@ -111,7 +124,7 @@ def generation_options(args) -> dict:
     return options
 
 
-def _generate(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
+def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
     """Decode a batch of encoded inputs, each padded to the batch's longest."""
     options = {**GENERATION_DEFAULTS, **options}
     if not options["do_sample"]:  # sampling knobs would only trigger library warnings
@@ -133,13 +146,7 @@ def generate_response(text, model, tokenizer, device, history=None, max_length=5
     if not text or not text.strip():
         raise InferError("empty prompt: type some text")
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
-    return _generate([ids], model, tokenizer, device, **generation_options)[0]
-
-
-def generate_batch(histories: list[list[str]], model, tokenizer, device, max_length=512, **generation_options) -> list[str]:
-    """Replies to many conversations at once (each a list of turns, newest last)."""
-    inputs = [encode_history(tokenizer, h, max_length) for h in histories]
-    return _generate(inputs, model, tokenizer, device, **generation_options)
+    return generate_ids([ids], model, tokenizer, device, **generation_options)[0]
 
 
 # ---------------------------------------------------------------- CLI
@@ -188,7 +195,7 @@ def build_parser():
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="?", default=None, help="one message to answer; omit for chat (or piped lines)")
     p.add_argument("--checkpoint", default=None, help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     add_generation_args(p)
     return p
 
@@ -198,7 +205,7 @@ def run(argv) -> int:
     options = generation_options(args)
     if args.prompt is not None and not args.prompt.strip():
         raise InferError("empty prompt: give some text, e.g. python infer.py \"How are you?\"")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     path = find_checkpoint(args.checkpoint)
     model, tokenizer = load(path, device)
     max_length = max_input_length(path)

@@ -321,9 +321,7 @@ def token_loss_sum(model, batch):
 def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int = 1) -> float:
     """Validation loss per target token, summed over ranks before dividing."""
     model.eval()
-    src = [len(e["input_ids"]) for e in dataset.examples]
-    tgt = [len(e["labels"]) for e in dataset.examples]
-    batches = token_budget_batches(src, tgt, max_tokens, seed=0, epoch=0)[rank::world]
+    batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:
         batch = to_device(collate([dataset[i] for i in b], dataset.pad_id), device)
@@ -659,10 +657,6 @@ def run(argv) -> int:
     log(data_note)
     train_ds = DailyDialogDataset(tokenizer, args.train_file, args.max_length, args.max_target_length)
     val_ds = DailyDialogDataset(tokenizer, args.val_file, args.max_length, args.max_target_length)
-    for ds in (train_ds, val_ds):
-        ds.pad_id = tokenizer.pad_token_id
-        ds.src_lengths = ds.stats.input_lengths
-        ds.tgt_lengths = ds.stats.target_lengths
 
     torch.manual_seed(args.seed + rank)  # dropout noise; each rank its own
     random.seed(args.seed)

@@ -65,10 +65,7 @@ def load_model(model_dir):
 def load_dataset(tokenizer, path, max_length=512, max_target_length=128):
     from dataset import DailyDialogDataset
 
-    ds = DailyDialogDataset(tokenizer, path, max_length, max_target_length)
-    ds.pad_id = tokenizer.pad_token_id
-    ds.src_lengths, ds.tgt_lengths = ds.stats.input_lengths, ds.stats.target_lengths
-    return ds
+    return DailyDialogDataset(tokenizer, path, max_length, max_target_length)
 
 
 def shared_val_loss(model, tokenizer, val_file) -> float:
