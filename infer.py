@@ -67,6 +67,7 @@ def load(path: Path, device):
         if problem:
             raise InferError(f"checkpoint {problem}; use an older checkpoint with --checkpoint, or retrain")
     hf_logging.set_verbosity_error()  # loading reports go to our one-line errors instead
+    hf_logging.disable_progress_bar()  # stderr stays quiet: a reply, or one line of error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True)
