@@ -147,10 +147,11 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
             shutil.rmtree(stale)
         tmp.rename(final)  # the commit
         _fsync_path(output_dir)
-    except OSError as e:
+    except Exception as e:  # a full disk surfaces as OSError, RuntimeError (torch) or SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(
-            f"could not write checkpoint {final.name} in {output_dir}: {e.strerror or e}; "
+            f"could not write checkpoint {final.name} in {output_dir}: {reason}; "
             "the previous checkpoint is intact: free space or fix permissions, then rerun with --resume"
         ) from None
     return final
@@ -165,10 +166,14 @@ def update_index_and_prune(output_dir, latest: Path, best: Path | None, best_los
     """
     hooks = hooks or {}
     output_dir = Path(output_dir)
-    write_json_atomic(
-        output_dir / INDEX,
-        {"latest": latest.name, "best": best.name if best else None, "best_val_loss": best_loss},
-    )
+    try:
+        write_json_atomic(
+            output_dir / INDEX,
+            {"latest": latest.name, "best": best.name if best else None, "best_val_loss": best_loss},
+        )
+    except OSError as e:
+        raise CheckpointError(f"{latest.name} is saved, but {INDEX} could not be written ({e.strerror}); "
+                              "free space or fix permissions, then rerun with --resume") from None
     hooks.get("before_prune", lambda: None)()
     keep_names = {p.name for p in list_checkpoints(output_dir)[-max(keep, 1) :]} | {latest.name}
     if best is not None:

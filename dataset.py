@@ -21,7 +21,6 @@ it, so the model sees the same format in both.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,8 +284,3 @@ def padding_efficiency(src_lengths, tgt_lengths, batches) -> float:
     real = sum(src_lengths[i] + tgt_lengths[i] for b in batches for i in b)
     padded = sum(batch_cost(src_lengths, tgt_lengths, b) for b in batches)
     return real / max(padded, 1)
-
-
-def steps_per_epoch(num_batches: int, accumulation: int) -> int:
-    """Optimizer steps in an epoch; a last, partial accumulation still steps."""
-    return math.ceil(num_batches / accumulation)

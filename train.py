@@ -13,6 +13,7 @@ evaluation -> crash-safe checkpoints (checkpoint.py) -> loss plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -30,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint as ckpt
-from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, steps_per_epoch, token_budget_batches
+from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "t5-small"
@@ -369,8 +370,12 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
-        signal.signal(signal.SIGTERM, self)
-        signal.signal(signal.SIGINT, self)
+        self.previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """After the loop, signals act as usual again (plotting and eval stay interruptible)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def __call__(self, signum, frame):
         self.signum = signum
@@ -494,7 +499,7 @@ class Trainer:
         for k, b in enumerate(mine):
             batch = to_device(collate([ds[i] for i in b], ds.pad_id), self.device)
             sync = k == len(mine) - 1 or self.ddp is None
-            with (model.no_sync() if not sync else _null()):
+            with (model.no_sync() if not sync else contextlib.nullcontext()):
                 loss = token_loss_sum(model, batch)
                 (loss * self.world / step_tokens).backward()  # DDP averages over ranks
             loss_sum += loss.detach()
@@ -563,14 +568,6 @@ class Trainer:
         window.update(loss=torch.zeros((), device=self.device), real=0, start=time.perf_counter(), n=0)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------- reporting
 
 
@@ -581,7 +578,7 @@ def plot_losses(out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    rows = read_metrics(out / METRICS)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -612,11 +609,24 @@ def banner(args, model, train_ds, val_ds, device, world, steps, tokenizer, log):
         log(f"example {i}:\n  input : {tokenizer.decode(e['input_ids'])}\n  target: {tokenizer.decode(e['labels'])}")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a line cut short by a crash is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def truncate_metrics(out: Path, step: int):
     """Drop metric rows past the checkpoint we resume from (they will be redone)."""
     path = out / METRICS
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        keep = [json.dumps(r) for r in read_metrics(path) if r["step"] <= step]
         tmp = path.with_name(ckpt.TMP_PREFIX + METRICS)
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, path)
@@ -628,8 +638,15 @@ def truncate_metrics(out: Path, step: int):
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
-    check_args(args)
     out = Path(args.output_dir)
+    previous = ckpt.newest_valid(out, warn=lambda message: None) if args.resume else None
+    if previous:
+        # Flags not typed now come from the run being resumed (but the device is this machine's).
+        recorded = ckpt.read_run_config(previous)
+        for key, value in recorded.items():
+            if key not in explicit and key not in ("resume", "output_dir", "device") and hasattr(args, key):
+                setattr(args, key, value)
+    check_args(args)
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     prepare_output_dir(out, args.resume, rank == 0)
@@ -640,10 +657,6 @@ def run(argv) -> int:
         resume_from = ckpt.newest_valid(out, warn=log)
         if resume_from is None:
             raise UsageError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
-        recorded = ckpt.read_run_config(resume_from)
-        for key, value in recorded.items():  # flags not typed now come from the run being resumed
-            if key not in explicit and key not in ("resume", "output_dir") and hasattr(args, key):
-                setattr(args, key, value)
     data_note = default_data(args)
 
     from transformers.utils import logging as hf_logging
@@ -668,7 +681,11 @@ def run(argv) -> int:
         log(f"resuming from {resume_from.name}: step {trainer.step}, epoch {trainer.epoch + 1}, "
             f"{trainer.position} steps into it")
     banner(args, model, train_ds, val_ds, device, world, trainer.total_steps, tokenizer, log)
-    code = trainer.fit(StopFlag())
+    stop = StopFlag()
+    try:
+        code = trainer.fit(stop)
+    finally:
+        stop.restore()
     if code == 0 and rank == 0:
         plot_losses(out)
         index = ckpt.read_index(out)
@@ -694,6 +711,10 @@ def main(argv=None) -> int:
         return run(sys.argv[1:] if argv is None else argv)
     except (UsageError, DataError, ckpt.CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up while appending metrics or drawing the plot
+        print(f"train.py: error: {e.filename or 'a file'}: {e.strerror or e}; the last checkpoint is intact: "
+              "free space or fix permissions, then rerun with --resume", file=sys.stderr)
         return 2
     except RuntimeError as e:  # under torchrun: another rank died or stopped answering
         if not (dist.is_available() and dist.is_initialized()) or not (

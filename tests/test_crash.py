@@ -221,3 +221,24 @@ def test_output_dir_that_is_not_writable(tiny_model, data_dir, tmp_path):
         target = str(locked / "out")
     result = run_cli("train.py", *argv(tiny_model, data_dir, target)[:-len(FLAGS)], *FLAGS)
     assert_user_error(result, "not writable")
+
+
+def test_a_save_that_fails_in_torch_save_is_a_checkpoint_error(tiny_model, tmp_path, monkeypatch):
+    """A full disk inside torch.save raises RuntimeError, not OSError: still one clean error."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="PytorchStreamWriter failed"):
+        ckpt.save_checkpoint(tmp_path, 3, model, tok, {"step": 3}, {})
+    assert list(tmp_path.iterdir()) == []  # no partial folder left behind
+
+
+def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resume(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    train.truncate_metrics(tmp_path, 2)
+    assert train.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
