@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import checkpoint as ckpt
 from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, token_budget_batches
+from infer import InferError, pick_device
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "t5-small"
@@ -273,11 +274,7 @@ def setup_distributed(device_flag: str):
             raise UsageError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({reason}); "
                              f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
         return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if device_flag == "auto":
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_flag.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device_flag}: no CUDA device here; use --device cpu or auto")
-    return 0, 1, torch.device(device_flag)
+    return 0, 1, pick_device(device_flag)
 
 
 def barrier(world: int):
@@ -639,10 +636,11 @@ def run(argv) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
     out = Path(args.output_dir)
-    previous = ckpt.newest_valid(out, warn=lambda message: None) if args.resume else None
-    if previous:
+    damaged: list[str] = []  # reported once we know which rank logs
+    resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
+    if resume_from:
         # Flags not typed now come from the run being resumed (but the device is this machine's).
-        recorded = ckpt.read_run_config(previous)
+        recorded = ckpt.read_run_config(resume_from)
         for key, value in recorded.items():
             if key not in explicit and key not in ("resume", "output_dir", "device") and hasattr(args, key):
                 setattr(args, key, value)
@@ -651,12 +649,11 @@ def run(argv) -> int:
     log = print if rank == 0 else (lambda *a, **k: None)
     prepare_output_dir(out, args.resume, rank == 0)
 
-    resume_from, state = None, None
-    if args.resume:
-        barrier(world)
-        resume_from = ckpt.newest_valid(out, warn=log)
-        if resume_from is None:
-            raise UsageError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
+    for message in damaged:
+        log(message)
+    state = None
+    if args.resume and resume_from is None:
+        raise UsageError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
     data_note = default_data(args)
 
     from transformers.utils import logging as hf_logging
@@ -709,7 +706,7 @@ def run_generation_eval(args, checkpoint_dir: Path, log):
 def main(argv=None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except (UsageError, DataError, ckpt.CheckpointError) as e:
+    except (UsageError, DataError, InferError, ckpt.CheckpointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the disk filled up while appending metrics or drawing the plot
