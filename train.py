@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint as ckpt
+import fast_dropout
 from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, token_budget_batches
 from infer import InferError, pick_device
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=int, default=10, help="log loss, lr, grad norm and tokens/s every N steps")
     a("--seed", type=int, default=42, help="seed of initialisation, data order and dropout")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
+      help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; ~1.2x faster steps)")
     a("--scratch-vocab-size", type=int, default=8000, help="vocabulary of the tokenizer trained for --model scratch")
     a("--eval-generate", type=int, default=0, help="at the end, generate for the first N validation pairs and write eval metrics")
     a("--log-examples", action="store_true", help="debug: record each step's example indices in metrics.jsonl")
@@ -410,6 +413,8 @@ class Trainer:
         self.args, self.tokenizer, self.train_ds, self.val_ds = args, tokenizer, train_ds, val_ds
         self.device, self.rank, self.world, self.out, self.log = device, rank, world, out, log
         self.model = model.to(device)
+        if args.fast_dropout:
+            fast_dropout.install(model, device)  # before DDP wraps it; a no-op on GPUs
         self.ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
         self.optimizer = make_optimizer(model, args)
         # Epochs differ slightly in length (batches are filled greedily after a
@@ -594,7 +599,8 @@ def plot_losses(out: Path):
 
 def banner(args, model, train_ds, val_ds, device, world, steps, tokenizer, log):
     params = sum(p.numel() for p in model.parameters())
-    log(f"device: {device}{f' x {world} processes' if world > 1 else ''}")
+    fast = args.fast_dropout and device.type == "cpu"
+    log(f"device: {device}{f' x {world} processes' if world > 1 else ''}{'; fast dropout masks' if fast else ''}")
     log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,})")
     log(f"train: {train_ds.path}: {train_ds.stats.summary()}")
     log(f"valid: {val_ds.path}: {val_ds.stats.summary()}")

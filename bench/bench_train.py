@@ -149,13 +149,15 @@ def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None) -> dict:
 
     batches = [b for e in range(tr.epoch) for b in token_budget_batches(ds.src_lengths, ds.tgt_lengths, args.max_tokens, args.seed, e)]
     real = sum(ds.src_lengths[i] + ds.tgt_lengths[i] for b in batches for i in b)
-    val = None if "--max-steps" in extra else shared_val_loss(tr.model, tr.tokenizer, w / "validation.txt")
+    val = None
     if "--max-steps" not in extra:
         tr.model.save_pretrained(w / "ours-model")
         tr.tokenizer.save_pretrained(w / "ours-model")
+        # Validated as saved and reloaded (stock attention), exactly like the other arms' models.
+        val = shared_val_loss(*load_model(w / "ours-model"), w / "validation.txt")
     return {"arm": "ours", "seconds": captured["seconds"], "cpu_seconds": captured["cpu_seconds"], "steps": tr.step, "real_tokens": real,
             "padding_efficiency": padding_efficiency(ds.src_lengths, ds.tgt_lengths, batches), "peak_rss_mib": rss,
-            "val_loss": val, "settings": f"max_tokens {args.max_tokens}, lr {args.lr}, warmup {args.warmup_ratio}",
+            "val_loss": val, "settings": f"max_tokens {args.max_tokens}, lr {args.lr}, warmup {args.warmup_ratio}, fast dropout {args.fast_dropout}",
             "flops": model_flops(tr.model.config, [ds.src_lengths[i] for b in batches for i in b],
                                  [ds.tgt_lengths[i] for b in batches for i in b])}
 

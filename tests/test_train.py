@@ -206,3 +206,19 @@ def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, d
         (train.token_loss_sum(model, collate(part, tok.pad_token_id)) / tokens).backward()
     for a, p in zip(g_whole, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_on_dynamic_padding_equals_the_seed_recipe_padded_to_512(tiny_model, data_dir):
+    """Bucketed batches pad to their own longest example; padding to 512 must not change the loss."""
+    from dataset import DailyDialogDataset, collate
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
+    examples = [ds[i] for i in range(6)]
+    dynamic = collate(examples, tok.pad_token_id)
+    seed_style = {k: torch.nn.functional.pad(v, (0, 512 - v.size(1)), value=-100 if k == "labels" else 0 if k == "attention_mask"
+                                               else tok.pad_token_id) for k, v in dynamic.items()}
+    assert seed_style["input_ids"].shape == (6, 512) and dynamic["input_ids"].size(1) <= 64
+    with torch.no_grad():
+        torch.testing.assert_close(train.token_loss_sum(model, dynamic), train.token_loss_sum(model, seed_style), rtol=1e-5, atol=1e-4)

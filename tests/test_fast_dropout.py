@@ -1,0 +1,81 @@
+"""fast_dropout: the same dropout (rate, scaling, places), cheaper masks; eval untouched."""
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+import fast_dropout
+import train
+from dataset import DailyDialogDataset, collate
+
+CPU = torch.device("cpu")
+
+
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p():
+    torch.manual_seed(0)
+    n = 4_000_000
+    for p in (0.1, 0.5):
+        keep = fast_dropout.keep_mask((n + 3,), p).float()
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(keep.mean().item() - (1 - p)) < 6 * sigma
+        # Each of the four 16-bit lanes of a 64-bit draw is uniform (no lane stuck on a sign bit).
+        for lane in keep[:n].view(-1, 4).mean(0).tolist():
+            assert abs(lane - (1 - p)) < 6 * sigma * 2
+
+
+def test_apply_dropout_zeroes_and_rescales_and_its_gradient_matches():
+    torch.manual_seed(0)
+    x = torch.rand(300, 200) + 0.5
+    x.requires_grad_(True)
+    y = fast_dropout.apply_dropout(x, 0.25)
+    y.sum().backward()
+    dropped = y == 0
+    assert 0.2 < dropped.float().mean().item() < 0.3
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
+    assert (x.grad[dropped] == 0).all() and torch.allclose(x.grad[~dropped], torch.full_like(x.grad[~dropped], 1 / 0.75))
+    assert fast_dropout.apply_dropout(x, 0.0) is x
+
+
+def _batch(tiny_model, data_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
+    return collate([ds[i] for i in range(6)], tok.pad_token_id)  # rows of different lengths: masks matter
+
+
+def test_installed_model_computes_the_same_function_in_eval(tiny_model, data_dir):
+    batch = _batch(tiny_model, data_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        before = train.token_loss_sum(model, batch)
+        changed = fast_dropout.install(model, CPU)
+        after = train.token_loss_sum(model, batch)
+    n_dropouts = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert changed > n_dropouts > 0 and all(type(m) is fast_dropout.FastDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert not any(m.training for m in model.modules())  # the new modules took the model's eval mode
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-4)
+
+
+def test_installed_model_trains_like_the_original_without_dropout_and_reproducibly_with_it(tiny_model, data_dir, tmp_path):
+    batch = _batch(tiny_model, data_dir)
+
+    def loss(p, install, seed):
+        model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dropout_rate=p).train()
+        if install:
+            fast_dropout.install(model, CPU)
+        torch.manual_seed(seed)
+        return train.token_loss_sum(model, batch).item()
+
+    assert abs(loss(0.0, True, 0) - loss(0.0, False, 0)) < 1e-3  # attention and masks are the same math
+    assert loss(0.1, True, 1) == loss(0.1, True, 1)  # masks come from torch's seeded generator
+    assert loss(0.1, True, 1) != loss(0.1, True, 2)
+    assert loss(0.1, True, 1) != loss(0.0, True, 1)  # dropout is really applied in training
+
+
+def test_install_leaves_gpu_models_alone_and_checkpoints_load_without_it(tiny_model, tmp_path):
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    assert fast_dropout.install(model, torch.device("cuda")) == 0
+    assert not any(type(m) is fast_dropout.FastDropout for m in model.modules())
+    fast_dropout.install(model, CPU)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    assert again.config._attn_implementation != fast_dropout.ATTENTION
+    assert not any(type(m) is fast_dropout.FastDropout for m in again.modules())
