@@ -27,11 +27,11 @@ from torch import nn
 ATTENTION = "t5_fast_dropout"  # the attention implementation name registered with transformers
 
 
-def keep_mask(shape, p: float) -> torch.Tensor:
+def keep_mask(shape, p: float, device=None) -> torch.Tensor:
     """Boolean mask, True with probability 1 - p (p rounded to 1/65536)."""
     n = torch.Size(shape).numel()
     # randint over the full int64 range: all 64 bits random, four int16 lanes per draw.
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device).view(torch.int16)[:n]
     return (bits >= -32768 + round(p * 65536)).view(shape)
 
 
@@ -39,7 +39,9 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout of ``x`` (training only: callers skip it in eval)."""
     if p <= 0:
         return x
-    return x * (keep_mask(x.shape, p).to(x.dtype) * (1.0 / (1.0 - p)))
+    if p >= 1:
+        return x * 0.0
+    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
 
 
 class FastDropout(nn.Dropout):

@@ -33,6 +33,7 @@ def test_apply_dropout_zeroes_and_rescales_and_its_gradient_matches():
     torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
     assert (x.grad[dropped] == 0).all() and torch.allclose(x.grad[~dropped], torch.full_like(x.grad[~dropped], 1 / 0.75))
     assert fast_dropout.apply_dropout(x, 0.0) is x
+    assert (fast_dropout.apply_dropout(x, 1.0) == 0).all()  # nn.Dropout(1.0) drops everything
 
 
 def _batch(tiny_model, data_dir):

@@ -10,6 +10,7 @@ from conftest import TINY_FLAGS, assert_user_error, run_cli
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import checkpoint as ckpt
+from dataset import collate
 import train
 
 
@@ -189,14 +190,18 @@ def test_warmup_then_linear_schedule():
     assert [round(f(s), 3) for s in range(13)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
 
 
-def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, data_dir):
-    """Token-normalised accumulation gives the gradient of the whole batch."""
-    from dataset import DailyDialogDataset, collate
+def _tiny_examples(tiny_model, data_dir, n):
+    """The tiny model (eval mode), its tokenizer and the first n training examples."""
+    from dataset import DailyDialogDataset
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
-    examples = [ds[i] for i in range(8)]
+    return AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval(), tok, [ds[i] for i in range(n)]
+
+
+def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, data_dir):
+    """Token-normalised accumulation gives the gradient of the whole batch."""
+    model, tok, examples = _tiny_examples(tiny_model, data_dir, 8)
     whole = collate(examples, tok.pad_token_id)
     tokens = (whole["labels"] != -100).sum()
     (train.token_loss_sum(model, whole) / tokens).backward()
@@ -210,12 +215,7 @@ def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, d
 
 def test_loss_on_dynamic_padding_equals_the_seed_recipe_padded_to_512(tiny_model, data_dir):
     """Bucketed batches pad to their own longest example; padding to 512 must not change the loss."""
-    from dataset import DailyDialogDataset, collate
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
-    examples = [ds[i] for i in range(6)]
+    model, tok, examples = _tiny_examples(tiny_model, data_dir, 6)
     dynamic = collate(examples, tok.pad_token_id)
     seed_style = {k: torch.nn.functional.pad(v, (0, 512 - v.size(1)), value=-100 if k == "labels" else 0 if k == "attention_mask"
                                                else tok.pad_token_id) for k, v in dynamic.items()}
