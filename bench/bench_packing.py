@@ -69,7 +69,10 @@ def packed_batch(ds, rows, start_id):
             seg_s[b, s : s + n], seg_t[b, t : t + m] = k, k
             s, t = s + n, t + m
     neg = torch.finfo(torch.float32).min
-    same = lambda a, c: (a[:, :, None] == c[:, None, :])[:, None]  # noqa: E731  (B, 1, q, k)
+
+    def same(a, c):  # (B, 1, q, k): query and key positions in the same example
+        return (a[:, :, None] == c[:, None, :])[:, None]
+
     # Real tokens see only their own example; pad positions see other pads (or, as
     # decoder queries over the input, nothing: a uniform average), which no real
     # token reads and no label scores.

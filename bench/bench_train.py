@@ -8,7 +8,8 @@ Every arm runs in its own subprocess, so its peak memory is that process's
 ru_maxrss; all arms start from the same weights (built once, saved to a temp
 folder, loaded by each arm) and train on the same tokenized pairs:
 
-  ours  train.py's Trainer with its defaults (token-budget batches), via train.main
+  ours  train.py's Trainer with its defaults (token-budget batches, fast dropout), via train.main;
+        --ours-args=--no-fast-dropout measures it with torch's dropout
   hf    Seq2SeqTrainer + DataCollatorForSeq2Seq, train_sampling_strategy="group_by_length",
         batch 16, the same peak lr and warmup share
   seed  the seed recipe: every input and every target padded to 512 tokens,
