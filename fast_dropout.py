@@ -27,21 +27,23 @@ from torch import nn
 ATTENTION = "t5_fast_dropout"  # the attention implementation name registered with transformers
 
 
-def keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """Boolean mask, True with probability 1 - p (p rounded to 1/65536)."""
+def keep_mask(shape, k: int, device=None) -> torch.Tensor:
+    """Boolean mask, False (dropped) with probability k / 65536."""
     n = torch.Size(shape).numel()
     # randint over the full int64 range: all 64 bits random, four int16 lanes per draw.
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device).view(torch.int16)[:n]
-    return (bits >= -32768 + round(p * 65536)).view(shape)
+    return (bits >= -32768 + k).view(shape)
 
 
 def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of ``x`` (training only: callers skip it in eval)."""
-    if p <= 0:
+    """Inverted dropout of ``x`` at rate p rounded to 1/65536 (training only: callers skip it in eval)."""
+    k = min(round(p * 65536), 65536)  # dropped out of every 65536
+    if k <= 0:
         return x
-    if p >= 1:
+    if k == 65536:
         return x * 0.0
-    return x * (keep_mask(x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p)))
+    # Scale by the exact keep rate, so that the expected output is exactly x.
+    return x * (keep_mask(x.shape, k, x.device).to(x.dtype) * (65536 / (65536 - k)))
 
 
 class FastDropout(nn.Dropout):

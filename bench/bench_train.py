@@ -120,7 +120,7 @@ def matmul_peak_gflops(n=1024, seconds=3.0) -> float:
 # ---------------------------------------------------------------- arms (each in its own process)
 
 
-def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None) -> dict:
+def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None, name: str = "ours") -> dict:
     """train.py's real loop with its defaults; validation/saving stubbed out of the timing."""
     import train
 
@@ -139,7 +139,7 @@ def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None) -> dict:
     train.Trainer.validate = lambda self, bar: None  # the shared function measures validation after
     train.Trainer.save = lambda self: None  # checkpoint writes are not training speed
     train.plot_losses = lambda out: None
-    out = w / "ours-run"
+    out = w / f"{name}-run"
     code = train.main(["--model", str(model_dir or w / "model"), "--train-file", str(w / "train.txt"), "--val-file", str(w / "validation.txt"),
                        "--output-dir", str(out), "--log-every", "50", *extra])
     assert code == 0, code
@@ -152,11 +152,11 @@ def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None) -> dict:
     real = sum(ds.src_lengths[i] + ds.tgt_lengths[i] for b in batches for i in b)
     val = None
     if "--max-steps" not in extra:
-        tr.model.save_pretrained(w / "ours-model")
-        tr.tokenizer.save_pretrained(w / "ours-model")
+        tr.model.save_pretrained(w / f"{name}-model")
+        tr.tokenizer.save_pretrained(w / f"{name}-model")
         # Validated as saved and reloaded (stock attention), exactly like the other arms' models.
-        val = shared_val_loss(*load_model(w / "ours-model"), w / "validation.txt")
-    return {"arm": "ours", "seconds": captured["seconds"], "cpu_seconds": captured["cpu_seconds"], "steps": tr.step, "real_tokens": real,
+        val = shared_val_loss(*load_model(w / f"{name}-model"), w / "validation.txt")
+    return {"arm": name, "seconds": captured["seconds"], "cpu_seconds": captured["cpu_seconds"], "steps": tr.step, "real_tokens": real,
             "padding_efficiency": padding_efficiency(ds.src_lengths, ds.tgt_lengths, batches), "peak_rss_mib": rss,
             "val_loss": val, "settings": f"max_tokens {args.max_tokens}, lr {args.lr}, warmup {args.warmup_ratio}, fast dropout {args.fast_dropout}",
             "flops": model_flops(tr.model.config, [ds.src_lengths[i] for b in batches for i in b],
@@ -332,7 +332,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="peak lr for all arms (default: train.py's default)")
     p.add_argument("--seed-pairs", type=int, default=60, help="pairs the seed-style arm trains on (a slice)")
-    p.add_argument("--arms", default="ours,hf,seed,infer,t5small", help="comma-separated subset to run")
+    p.add_argument("--arms", default="ours,hf,seed,infer,t5small",
+                   help="comma-separated subset to run; 'torchdrop' adds our loop with --no-fast-dropout")
     p.add_argument("--infer-prompts", type=int, default=50)
     p.add_argument("--ours-args", default="", help="extra train.py flags for our arm (default: none, i.e. its defaults)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -347,9 +348,11 @@ def main(argv=None):
     lr = args.lr or defaults.lr
     if args._arm:
         w = Path(args._work)
+        extra = ["--epochs", str(args.epochs), *(["--lr", str(lr)] if args.lr else []), *args.ours_args.split()]
         if args._arm == "ours":
-            extra = ["--epochs", str(args.epochs), *(["--lr", str(lr)] if args.lr else []), *args.ours_args.split()]
             out = arm_ours(w, extra)
+        elif args._arm == "torchdrop":  # the fast-dropout lever, measured in the same run
+            out = arm_ours(w, extra + ["--no-fast-dropout"], name="torchdrop")
         elif args._arm == "t5small":  # memory only: a t5-small-sized model, a few steps of our loop
             from transformers import T5Config, T5ForConditionalGeneration
             from transformers import AutoTokenizer
@@ -381,7 +384,7 @@ def main(argv=None):
               f"{args.val_dialogues or 'all'} validation dialogues; model {args.model}; {args.epochs} epoch(s)")
         print(f"before: {load_snapshot()}")
         results = {"peak": run_arm(w, "peak")}
-        for name in ("ours", "hf", "seed", "t5small", "infer"):
+        for name in ("ours", "torchdrop", "hf", "seed", "t5small", "infer"):
             if name in arms and not (name == "infer" and "ours" not in arms):
                 print(f"running {name} ... ({load_snapshot()})", flush=True)
                 results[name] = run_arm(w, name, "--epochs", str(args.epochs), "--seed-pairs", str(args.seed_pairs),
@@ -398,7 +401,7 @@ def report(results: dict):
     peak = results["peak"]["gflops"]
     print(f"\nfp32 matmul peak (torch.mm 1024^3, {results['peak']['threads']} threads): {peak:.1f} GFLOP/s")
     print(f"{'arm':8} {'steps':>6} {'seconds':>8} {'real tok/s':>10} {'pad eff':>8} {'peak RSS':>10} {'val loss':>8} {'MFU':>6} {'tok/CPU-s':>9}  settings")
-    for name in ("ours", "hf", "seed", "t5small"):
+    for name in ("ours", "torchdrop", "hf", "seed", "t5small"):
         r = results.get(name)
         if not r:
             continue
@@ -414,6 +417,10 @@ def report(results: dict):
               f"peak RSS ours - hf: {o['peak_rss_mib'] - h['peak_rss_mib']:+.0f} MiB (target <= 0)")
     if o and s:
         print(f"ours / seed real tok/s: {o['tokens_per_s'] / s['tokens_per_s']:.1f}x (target >= 15x; seed on a slice)")
+    t = results.get("torchdrop")
+    if o and t:
+        print(f"fast dropout: ours / ours with --no-fast-dropout real tok/s: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x; "
+              f"val loss {o['val_loss']:.4f} vs {t['val_loss']:.4f}" if o["val_loss"] is not None else "")
     if results.get("t5small"):
         print(f"t5-small-sized model (60M params), 2 steps of our loop: peak RSS {results['t5small']['peak_rss_mib']:.0f} MiB (target <= 4096)")
     i = results.get("infer")

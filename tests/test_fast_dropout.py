@@ -14,7 +14,7 @@ def test_keep_mask_keeps_each_element_with_probability_one_minus_p():
     torch.manual_seed(0)
     n = 4_000_000
     for p in (0.1, 0.5):
-        keep = fast_dropout.keep_mask((n + 3,), p).float()
+        keep = fast_dropout.keep_mask((n + 3,), round(p * 65536)).float()
         sigma = (p * (1 - p) / n) ** 0.5
         assert abs(keep.mean().item() - (1 - p)) < 6 * sigma
         # Each of the four 16-bit lanes of a 64-bit draw is uniform (no lane stuck on a sign bit).
@@ -34,6 +34,7 @@ def test_apply_dropout_zeroes_and_rescales_and_its_gradient_matches():
     assert (x.grad[dropped] == 0).all() and torch.allclose(x.grad[~dropped], torch.full_like(x.grad[~dropped], 1 / 0.75))
     assert fast_dropout.apply_dropout(x, 0.0) is x
     assert (fast_dropout.apply_dropout(x, 1.0) == 0).all()  # nn.Dropout(1.0) drops everything
+    assert (fast_dropout.apply_dropout(x, 0.999999) == 0).all()  # rounds to 1, not past the last bucket
 
 
 def _batch(tiny_model, data_dir):
@@ -52,6 +53,7 @@ def test_installed_model_computes_the_same_function_in_eval(tiny_model, data_dir
     n_dropouts = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
     assert changed > n_dropouts > 0 and all(type(m) is fast_dropout.FastDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert not any(m.training for m in model.modules())  # the new modules took the model's eval mode
+    assert model.config._attn_implementation == fast_dropout.ATTENTION
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-4)
 
 
@@ -69,6 +71,25 @@ def test_installed_model_trains_like_the_original_without_dropout_and_reproducib
     assert loss(0.1, True, 1) == loss(0.1, True, 1)  # masks come from torch's seeded generator
     assert loss(0.1, True, 1) != loss(0.1, True, 2)
     assert loss(0.1, True, 1) != loss(0.0, True, 1)  # dropout is really applied in training
+
+
+def test_attention_probabilities_get_dropout_in_training_only(tiny_model, data_dir):
+    """With every hidden-state dropout off, only the attention's own dropout can change the loss."""
+    batch = _batch(tiny_model, data_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dropout_rate=0.5)
+    fast_dropout.install(model, CPU)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    with torch.no_grad():
+        model.eval()
+        clean = train.token_loss_sum(model, batch).item()
+        model.train()
+        torch.manual_seed(0)
+        noisy = train.token_loss_sum(model, batch).item()
+        model.eval()
+        assert train.token_loss_sum(model, batch).item() == clean
+    assert abs(noisy - clean) > 1e-3
 
 
 def test_install_leaves_gpu_models_alone_and_checkpoints_load_without_it(tiny_model, tmp_path):
