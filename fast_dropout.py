@@ -7,10 +7,11 @@ step, more than all the other element-wise work together; most of it is the
 dropout on the attention probabilities (batch x heads x length x length).
 
 Here one 64-bit draw from the same torch generator gives the masks of four
-elements (16 bits each). An element is kept when its 16 bits are above
-``p * 65536``, so the drop rate is ``p`` rounded to 1/65536 (0.1 -> 0.1000061).
-The model is unchanged: the same dropout rate at the same places, the same
-inverted scaling, nothing in eval mode. Only the random stream differs, and it
+elements (16 bits each). An element is dropped when its 16 bits fall below
+``k = round(p * 65536)``, so the drop rate is ``p`` rounded to 1/65536
+(0.1 -> 0.1000061), and kept elements are scaled by 65536 / (65536 - k), the
+exact inverse keep rate. The model is unchanged: the same dropout rate at the
+same places, inverted scaling, nothing in eval mode. Only the random stream differs, and it
 comes from ``torch``'s own generator, so ``torch.manual_seed`` and the RNG state
 saved in checkpoints still make runs reproducible and resumable bit for bit.
 

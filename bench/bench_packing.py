@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import fast_dropout  # noqa: E402
 import train  # noqa: E402
-from dataset import DailyDialogDataset, collate, token_budget_batches  # noqa: E402
+from dataset import DailyDialogDataset, batch_cost, collate, token_budget_batches  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "dailydialog"
 
@@ -133,11 +133,14 @@ def main(argv=None):
     ids = [i for b in bucketed for i in b]
     rows = pack_rows(src, tgt, ids, args.row_src, args.row_tgt)
     random.Random(0).shuffle(rows)
+
+    def packed_cost(rs):  # padded tokens, as batch_cost counts them, with a row's length its examples' sum
+        return len(rs) * (max(sum(src[i] for i in r) for r in rs) + max(sum(tgt[i] for i in r) for r in rs))
+
     packed, cur = [], []  # rows grouped into the same token budget
     for r in rows:
         trial = cur + [r]
-        cost = len(trial) * (max(sum(src[i] for i in x) for x in trial) + max(sum(tgt[i] for i in x) for x in trial))
-        if cur and cost > args.max_tokens:
+        if cur and packed_cost(trial) > args.max_tokens:
             packed.append(cur)
             trial = [r]
         cur = trial
@@ -155,11 +158,10 @@ def main(argv=None):
     assert torch.allclose(a, b, rtol=1e-4), (a, b)
 
     def cost_bucketed(b):
-        return sum(src[i] + tgt[i] for i in b), len(b) * (max(src[i] for i in b) + max(tgt[i] for i in b))
+        return sum(src[i] + tgt[i] for i in b), batch_cost(src, tgt, b)
 
     def cost_packed(rs):
-        real = sum(src[i] + tgt[i] for r in rs for i in r)
-        return real, len(rs) * (max(sum(src[i] for i in r) for r in rs) + max(sum(tgt[i] for i in r) for r in rs))
+        return sum(src[i] + tgt[i] for r in rs for i in r), packed_cost(rs)
 
     bt, be = timed(model, bucketed, lambda b: train.token_loss_sum(model, collate([ds[i] for i in b], ds.pad_id)), cost_bucketed)
     pt, pe = timed(model, packed, lambda rs: packed_loss_sum(model, packed_batch(ds, rs, start_id)), cost_packed)

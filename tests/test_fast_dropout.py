@@ -57,7 +57,7 @@ def test_installed_model_computes_the_same_function_in_eval(tiny_model, data_dir
     torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-4)
 
 
-def test_installed_model_trains_like_the_original_without_dropout_and_reproducibly_with_it(tiny_model, data_dir, tmp_path):
+def test_installed_model_trains_like_the_original_without_dropout_and_reproducibly_with_it(tiny_model, data_dir):
     batch = _batch(tiny_model, data_dir)
 
     def loss(p, install, seed):

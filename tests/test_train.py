@@ -10,8 +10,8 @@ from conftest import TINY_FLAGS, assert_user_error, run_cli
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import checkpoint as ckpt
-from dataset import collate
 import train
+from dataset import DailyDialogDataset, collate
 
 
 def train_args(model, data, out, *extra):
@@ -192,8 +192,6 @@ def test_warmup_then_linear_schedule():
 
 def _tiny_examples(tiny_model, data_dir, n):
     """The tiny model (eval mode), its tokenizer and the first n training examples."""
-    from dataset import DailyDialogDataset
-
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
     return AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval(), tok, [ds[i] for i in range(n)]
