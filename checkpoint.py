@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cli import UserError
+
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -40,8 +42,11 @@ STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint we cannot write or use; the message says what to do."""
+class CheckpointError(UserError):
+    """A checkpoint we cannot write or use; the message says what to do.
+
+    Its own type because a caller may go on to an older checkpoint instead.
+    """
 
 
 # ---------------------------------------------------------------- small helpers

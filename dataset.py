@@ -27,12 +27,18 @@ from pathlib import Path
 
 import torch
 
+from cli import UserError
+
 EOU = "__eou__"
 SEPARATOR = f" {EOU} "  # between turns in the model input; the format above
 
 
-class DataError(ValueError):
-    """A data file we cannot use; the message names the file and the fix."""
+class DataError(UserError):
+    """A data file we cannot use; the message names the file and the fix.
+
+    Its own type because `DailyDialogDataset` users may want to tell bad data
+    from other mistakes; scripts print it like any `UserError`.
+    """
 
 
 # ---------------------------------------------------------------- parsing

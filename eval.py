@@ -21,7 +21,6 @@ token, ``</s>`` included, padding excluded.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -31,17 +30,14 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
-import train
-from dataset import DailyDialogDataset, DataError, collate, encode_history, read_dialogues
-from infer import (DEFAULT_DIR, InferError, OneLineParser, generate_ids, add_generation_args, find_checkpoint,
-                   generation_options, load, max_input_length, pick_device)
+from cli import OneLineParser, UserError, pick_device, run_script
+from dataset import DailyDialogDataset, collate, encode_history, read_dialogues
+from generation import (DEFAULT_DIR, add_generation_args, find_checkpoint, generate_ids, generation_options, load,
+                        max_input_length)
 from metrics import compute_metrics, format_table, perplexity
+from models import to_device, token_loss_sum
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
-
-
-class UsageError(ValueError):
-    """A flag the user can fix; printed in one line."""
 
 
 # ---------------------------------------------------------------- generation and perplexity
@@ -77,15 +73,15 @@ def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
     """(summed negative log-likelihood, number of target tokens), teacher-forced.
 
     ``examples`` are `DailyDialogDataset` items; the loss is training's own
-    `train.token_loss_sum`, so this is the validation loss of train.py
+    `models.token_loss_sum`, so this is the validation loss of train.py
     without its per-token division.
     """
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     nll, tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = train.to_device(collate([examples[i] for i in order[start : start + batch_size]], pad_id), device)
-        nll += train.token_loss_sum(model, batch).item()
+        batch = to_device(collate([examples[i] for i in order[start : start + batch_size]], pad_id), device)
+        nll += token_loss_sum(model, batch).item()
         tokens += int((batch["labels"] != -100).sum())
     return nll, tokens
 
@@ -94,8 +90,7 @@ def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
 
 
 def build_parser():
-    p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.")
     p.add_argument("--checkpoint", default=None, help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/)")
     p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
@@ -121,7 +116,7 @@ def prepare_out(out: Path):
     try:
         ckpt.make_writable_dir(out)
     except OSError as e:
-        raise UsageError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
+        raise UserError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
 
 
 def write_outputs(out: Path, report: dict, samples: list[dict]):
@@ -131,21 +126,21 @@ def write_outputs(out: Path, report: dict, samples: list[dict]):
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
         ckpt.write_json_atomic(out / "report.json", report)  # last: its presence means the run finished
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e}); pass another folder") from None
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); pass another folder") from None
 
 
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     options = generation_options(args)  # InferError on a bad decoding flag
     if args.max_examples is not None and args.max_examples <= 0:
-        raise UsageError(f"--max-examples must be positive, got {args.max_examples}")
+        raise UserError(f"--max-examples must be positive, got {args.max_examples}")
     if args.batch_size <= 0:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
     path = find_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else path / "eval"
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; pass a folder path")
+        raise UserError(f"--out {out} is an existing file; pass a folder path")
     read_dialogues(args.data)  # DataError before minutes of model loading, not after
 
     from transformers.utils import logging as hf_logging
@@ -187,11 +182,7 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(sys.argv[1:] if argv is None else [str(a) for a in argv])
-    except (InferError, DataError, UsageError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_script("eval.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import checkpoint as ckpt
 import fast_dropout
 from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, token_budget_batches
-from infer import InferError, pick_device
+from cli import UserError as InferError, pick_device
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "t5-small"
@@ -700,7 +700,7 @@ def run(argv) -> int:
 
 
 def run_generation_eval(args, checkpoint_dir: Path, log):
-    import eval as evaluation
+    import eval as evaluation  # noqa
 
     report = evaluation.main(["--checkpoint", str(checkpoint_dir), "--data", args.val_file,
                               "--max-examples", str(args.eval_generate), "--out", str(checkpoint_dir / "eval"),
