@@ -21,6 +21,7 @@ it, so the model sees the same format in both.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,16 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     if not dialogues:
         raise DataError(f"{path}: no dialogue with two or more turns; nothing to learn from")
     return dialogues, skipped
+
+
+def holdout(num_dialogues: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, validation) dialogue indices: a seeded share of whole dialogues held out.
+
+    Whole dialogues, so no validation reply was seen in training as context.
+    """
+    k = min(max(1, round(share * num_dialogues)), num_dialogues - 1)
+    held = set(random.Random(seed).sample(range(num_dialogues), k))
+    return [i for i in range(num_dialogues) if i not in held], sorted(held)
 
 
 def dialogue_pairs(dialogues: list[list[str]]) -> list[tuple[list[str], str]]:
@@ -183,11 +194,15 @@ class DailyDialogDataset(torch.utils.data.Dataset):
     ``ds[i]`` is ``{"input_ids": [...], "labels": [...]}`` (unpadded ids).
     """
 
-    def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128):
+    def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128, dialogue_ids=None):
+        """``dialogue_ids``: use only these dialogues of the file (by index), e.g. a held-out share."""
         self.path = Path(path)
         self.max_length = max_length
         self.max_target_length = max_target_length
         dialogues, skipped = read_dialogues(self.path)
+        if dialogue_ids is not None:
+            dialogues = [dialogues[i] for i in dialogue_ids]
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()  # what a resumed run checks it still has
         self.pairs = dialogue_pairs(dialogues)
 
         # Tokenize each distinct turn once, in one batched call of the fast

@@ -23,6 +23,7 @@ from dataset import SEPARATOR, read_dialogues
 DEFAULT_MODEL = "t5-small"
 # A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
 # with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
+MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special tokens and the alphabet's pieces
 SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
 
 
@@ -125,3 +126,44 @@ def token_loss_sum(model, batch):
     decoder_input_ids = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100, reduction="sum")
+
+
+# ---------------------------------------------------------------- precision
+
+
+def add_precision_arg(parser):
+    parser.add_argument("--precision", default="auto", help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), "
+                        "fp32 or bf16; weights and checkpoints stay fp32. fp16 is refused: T5 overflows in it")
+
+
+def resolve_precision(flag: str, device) -> str:
+    """'bf16' or 'fp32' for this device; fp16 and unknown values are refused in one line."""
+    if flag == "fp16":
+        raise UserError("--precision fp16: T5's feed-forward activations overflow fp16 (NaN losses); "
+                        "use --precision bf16 (on GPUs that have it) or fp32")
+    if flag not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision {flag}: use auto, fp32 or bf16")
+    if flag == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if flag == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16; use --precision fp32 (or auto)")
+    return flag
+
+
+def autocast(device, precision: str):
+    """bf16 autocast for the forward pass; fp32 weights, optimizer state and checkpoints either way."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def precision_note(precision: str, device) -> str:
+    if device.type != "cuda":
+        return precision
+    if precision == "bf16":
+        return "bf16 autocast, TF32 matmuls"
+    if torch.cuda.is_bf16_supported():
+        return "fp32, TF32 off"
+    return "fp32: this GPU has no bf16; TF32 off"

@@ -1,68 +1,57 @@
 """Fine-tune T5 on DailyDialog with a plain PyTorch loop.
 
-    python train.py                               # t5-small on the default data
+    python train.py                               # t5-small on the full corpus (downloaded once)
     python train.py --model scratch --epochs 1    # a small T5 from scratch (offline)
     python train.py --resume                      # continue after a crash or Ctrl-C
     torchrun --nproc_per_node 2 train.py ...      # data parallel, same checkpoints
 
-The story, top to bottom: flags -> output dir checks -> model and tokenizer ->
-data -> the loop (AdamW, warmup then linear decay, clipping, accumulation) ->
-evaluation -> crash-safe checkpoints (checkpoint.py) -> loss plot.
+Top to bottom: flags and their checks -> `run` (data, model, state) -> `fit`,
+the loop, with `train_step`, `evaluate`, logging and `save` beside it.
+Checkpoints are written by checkpoint.py (atomic, verified); the state dict
+that `fit` updates is exactly what a checkpoint saves and `--resume` loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import json
 import math
-import os
 import random
-import signal
-import socket
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import checkpoint as ckpt
+import corpus
+import distributed
 import fast_dropout
-from dataset import SEPARATOR, DailyDialogDataset, DataError, collate, read_dialogues, token_budget_batches
-from cli import UserError as InferError, pick_device
+import hub
+import models
+import runlog
+from cli import OneLineParser, UserError, fresh_line, run_script
+from dataset import DailyDialogDataset, collate, holdout, read_dialogues, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = "t5-small"
-FULL_DATA = ROOT / "data" / "dailydialog"  # written by `python data/download.py`
+FULL_DATA = ROOT / "data" / "dailydialog"  # written by corpus.download (python data/download.py)
 SAMPLE_DATA = ROOT / "data" / "sample"  # the project's own small demo dialogues
-# A T5 sized for a laptop CPU when t5-small cannot be had (about 12M parameters
-# with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
-SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
-METRICS = "metrics.jsonl"
-
-
-class UsageError(ValueError):
-    """A flag or environment problem the user can fix; printed in one line."""
 
 
 # ---------------------------------------------------------------- flags
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; we want one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--model", default=DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; 'scratch' trains a small T5 from scratch")
-    a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, else the demo sample)")
-    a("--val-file", default=None, help="DailyDialog validation file (default: beside the training data)")
+    a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; 'scratch' trains a small T5 from scratch")
+    a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, downloaded when "
+                                         "the hub answers, else the demo sample)")
+    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, else --val-share of it)")
+    a("--val-share", type=float, default=0.05, help="with no validation file, hold out this share of whole dialogues (seeded)")
+    a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
     a("--output-dir", default="checkpoints", help="where checkpoints, metrics.jsonl and the loss plot go")
     a("--resume", action="store_true", help="continue from the newest good checkpoint in --output-dir")
     a("--epochs", type=int, default=3, help="passes over the training data")
@@ -81,20 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=int, default=10, help="log loss, lr, grad norm and tokens/s every N steps")
     a("--seed", type=int, default=42, help="seed of initialisation, data order and dropout")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    models.add_precision_arg(p)
+    a("--attention", choices=("auto", "eager", "sdpa"), default="auto",
+      help="attention kernel: auto = sdpa on CUDA, eager on CPU (where fast dropout brings its own)")
+    a("--compile", action="store_true", help="torch.compile the model (on a 2-core CPU it measured slower; see bench/README.md)")
     a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
-      help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; measured 1.3x faster training here)")
+      help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; 1.3x faster here)")
     a("--scratch-vocab-size", type=int, default=8000, help="vocabulary of the tokenizer trained for --model scratch")
     a("--eval-generate", type=int, default=0, help="at the end, generate for the first N validation pairs and write eval metrics")
     a("--log-examples", action="store_true", help="debug: record each step's example indices in metrics.jsonl")
     return p
 
 
-def explicit_flags(argv) -> set[str]:
+def typed_flags(argv) -> set[str]:
     """The flags the user actually typed (so --resume can reuse the others)."""
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
+
+
+# Fixed for the life of a run: typing another value with --resume is refused.
+FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
+                   "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
+                   "scratch_vocab_size": "the tokenizer is already trained"}
+NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
 
 
 def check_args(args):
@@ -106,250 +106,83 @@ def check_args(args):
         positive["--max-steps"] = args.max_steps
     for flag, value in positive.items():
         if not value > 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
+            raise UserError(f"{flag} must be positive, got {value}")
     if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+        raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if not 0 < args.val_share < 1:
+        raise UserError(f"--val-share must be between 0 and 1 (e.g. 0.05), got {args.val_share}")
     if args.max_grad_norm < 0 or args.weight_decay < 0 or args.eval_generate < 0:
-        raise UsageError("--max-grad-norm, --weight-decay and --eval-generate cannot be negative")
+        raise UserError("--max-grad-norm, --weight-decay and --eval-generate cannot be negative")
+    if args.scratch_vocab_size < models.MIN_SCRATCH_VOCAB:
+        raise UserError(f"--scratch-vocab-size must be at least {models.MIN_SCRATCH_VOCAB}, got {args.scratch_vocab_size}")
     if args.max_tokens < args.max_length + args.max_target_length:
-        raise UsageError(f"--max-tokens {args.max_tokens} cannot hold one example of --max-length + --max-target-length "
-                         f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")
+        raise UserError(f"--max-tokens {args.max_tokens} cannot hold one example of --max-length + --max-target-length "
+                        f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")
+    if not args.output_dir.strip():
+        raise UserError("--output-dir is empty; name a folder, e.g. --output-dir checkpoints")
 
 
-def default_data(args) -> str:
-    """Fill in --train-file/--val-file; returns a note about which data it is."""
+def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
+    """Flags not typed now come from the run being resumed; typed ones must be changeable.
+
+    Returns the flags whose typed value differs from the recorded one (typing
+    the run's own value again changes nothing).
+    """
+    changed = {k for k in typed if k not in recorded or absolute(getattr(args, k), k) != recorded[k]}
+    for key, value in recorded.items():
+        if key in NOT_RECORDED or not hasattr(args, key):
+            continue
+        if key not in typed:
+            setattr(args, key, value)
+        elif key in FIXED_ON_RESUME and value is not None and absolute(getattr(args, key), key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
+                            f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
+    if "epochs" in changed and "max_steps" not in typed:
+        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
+    return changed
+
+
+def absolute(value, key):
+    """Paths are recorded absolute, so --resume works from any directory."""
+    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
+
+
+# ---------------------------------------------------------------- data
+
+
+def choose_data(args, may_download: bool, log) -> str:
+    """Fill in --train-file (the corpus, downloaded if needed, else the sample); returns what it is."""
     if args.train_file is None:
-        base = FULL_DATA if (FULL_DATA / "train.txt").exists() else SAMPLE_DATA
+        if not corpus.available(FULL_DATA) and may_download and not args.no_download and hub.hub_reachable():
+            corpus.download(FULL_DATA, log=log)
+        base = FULL_DATA if corpus.available(FULL_DATA) else SAMPLE_DATA
         args.train_file = str(base / "train.txt")
         if args.val_file is None:
             args.val_file = str(base / "validation.txt")
         if base == SAMPLE_DATA:
-            return ("note: training on the project's small demo sample (data/sample); for real results run "
-                    "`python data/download.py` to get the full DailyDialog corpus")
+            why = "--no-download" if args.no_download else "the Hugging Face hub did not answer"
+            return (f"note: training on the project's small demo sample (data/sample; {why}); for real results run "
+                    "`python data/download.py` or train with a connection to get the full DailyDialog corpus")
         return "data: the full DailyDialog corpus in data/dailydialog"
     if args.val_file is None:
         candidate = Path(args.train_file).with_name("validation.txt")
-        if not candidate.exists() or candidate == Path(args.train_file):
-            raise UsageError(f"no --val-file given and no validation.txt beside {args.train_file}; pass --val-file FILE")
-        args.val_file = str(candidate)
+        if candidate.exists() and candidate.resolve() != Path(args.train_file).resolve():
+            args.val_file = str(candidate)
+    args.train_file, args.val_file = absolute(args.train_file, "train_file"), absolute(args.val_file, "val_file")
+    if args.val_file is None:
+        return f"data: {args.train_file}, {args.val_share:.0%} of its dialogues held out for validation (seed {args.seed})"
     return f"data: {args.train_file} (validation: {args.val_file})"
 
 
-# ---------------------------------------------------------------- output dir
-
-
-def prepare_output_dir(out: Path, resume: bool, is_main: bool):
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is an existing file; pass a folder path")
-    has_run = bool(ckpt.list_checkpoints(out)) or (out / ckpt.INDEX).exists()
-    if resume and not ckpt.list_checkpoints(out):
-        raise UsageError(f"--resume: no checkpoint in {out}; run without --resume to start training, or pass the right --output-dir")
-    if has_run and not resume:
-        raise UsageError(f"{out} already holds a training run; add --resume to continue it, or pass another --output-dir")
-    if not is_main:
-        return
-    try:
-        ckpt.make_writable_dir(out)
-    except OSError as e:
-        raise UsageError(f"--output-dir {out} is not writable ({e.strerror}); fix its permissions or pass another folder") from None
-    removed = ckpt.remove_leftovers(out)
-    if removed:
-        print(f"removed unfinished temporary files of an interrupted run: {', '.join(removed)}")
-
-
-# ---------------------------------------------------------------- model
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connection instead of the hub client's minute of retries."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_pretrained(name: str):
-    """Model and tokenizer from a local folder or the hub (or its cache when offline)."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    local = Path(name).is_dir()
-    offline = not local and not hub_reachable()
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-    model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
-    return model, tokenizer
-
-
-def train_tokenizer(texts, vocab_size: int):
-    """A SentencePiece-style (Unigram) T5 tokenizer trained on our own text."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
-
-    raw = Tokenizer(models.Unigram())
-    raw.normalizer = normalizers.NFKC()
-    raw.pre_tokenizer = pre_tokenizers.Metaspace()
-    # T5's convention: <pad>=0 (also the decoder start), </s>=1, <unk>=2.
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    raw.train_from_iterator(texts, trainer)
-    vocab = [tuple(piece) for piece in json.loads(raw.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def build_scratch(train_file, vocab_size: int, seed: int, **config_overrides):
-    """A randomly initialised T5 (SCRATCH_CONFIG) and a tokenizer trained on the training text."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    dialogues, _ = read_dialogues(train_file)
-    # Train on the text as the model sees it, separator included, so that
-    # __eou__ gets tokens of its own instead of <unk>.
-    tokenizer = train_tokenizer([SEPARATOR.join(d) for d in dialogues], vocab_size)
-    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      decoder_start_token_id=tokenizer.pad_token_id, **{**SCRATCH_CONFIG, **config_overrides})
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config), tokenizer
-
-
-def choose_model(args, explicit: set[str], log):
-    """The model to start from: --model, or scratch when the default can't be had."""
-    if args.model == "scratch":
-        return build_scratch(args.train_file, args.scratch_vocab_size, args.seed)
-    try:
-        return load_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        if "model" in explicit:  # the user named it: never swap in something else
-            reason = str(e).strip().splitlines()[0][:200]
-            raise UsageError(f"cannot load --model {args.model} ({reason}); check the name or folder, or use --model scratch") from None
-    bar = "!" * 78
-    log(f"{bar}\nWARNING: the default model '{DEFAULT_MODEL}' is not available (no connection to the Hugging Face hub\n"
-        f"and not in its cache). Training a SMALL T5 FROM SCRATCH instead (see SCRATCH_CONFIG in train.py).\n"
-        f"Its replies will be far worse than a fine-tuned t5-small. Pass --model scratch to silence this.\n{bar}")
-    args.model = "scratch"
-    return build_scratch(args.train_file, args.scratch_vocab_size, args.seed)
-
-
-def resume_model(path: Path, args, explicit: set[str]):
-    """Model and tokenizer of a checkpoint, after checking it fits this run."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    recorded = ckpt.read_run_config(path)
-    if "model" in explicit and recorded.get("model") not in (None, args.model):
-        raise UsageError(f"{path} was trained from --model {recorded['model']}, not {args.model}; "
-                         f"resume with --model {recorded['model']}, or start a new run with another --output-dir")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path} cannot be loaded ({str(e).splitlines()[0][:160]}); "
-                                   "delete it to fall back to an older checkpoint, or start a new run") from None
-    if len(tokenizer) > model.config.vocab_size:
-        raise UsageError(f"{path}: its tokenizer ({len(tokenizer)} tokens) does not fit its model "
-                         f"({model.config.vocab_size}); this checkpoint mixes a model and a tokenizer of different runs")
-    return model, tokenizer
-
-
-# ---------------------------------------------------------------- distributed
-
-
-def setup_distributed(device_flag: str):
-    """(rank, world_size, device); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-            raise UsageError("WORLD_SIZE is set but RANK/MASTER_ADDR/MASTER_PORT are not; launch with torchrun (see README)")
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        import datetime
-
-        # How long a rank waits for the others (start-up, barriers, collectives)
-        # before it gives up with an error instead of hanging.
-        timeout = float(os.environ.get("TRAIN_DIST_TIMEOUT", "1800"))
-        try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
-        except dist.DistError as e:
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UsageError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({reason}); "
-                             f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
-        return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    return 0, 1, pick_device(device_flag)
-
-
-def barrier(world: int):
-    if world > 1:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------- the loop pieces
-
-
-def make_optimizer(model, args):
-    """AdamW; no weight decay on biases and layer-norm weights (1-d tensors)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, foreach=True)
-
-
-def warmup_then_linear(warmup_steps: int, total_steps: int):
-    """LR multiplier: 0 -> 1 over the warmup, then linearly back to 0 at the end."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def token_loss_sum(model, batch):
-    """Summed cross-entropy over the non-pad target tokens of a batch.
-
-    ``model`` may be wrapped in DistributedDataParallel; the decoder input is
-    the labels shifted right, as the model itself would build them.
-    """
-    decoder_input_ids = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int = 1) -> float:
-    """Validation loss per target token, summed over ranks before dividing."""
-    model.eval()
-    batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in batches:
-        batch = to_device(collate([dataset[i] for i in b], dataset.pad_id), device)
-        totals[0] += token_loss_sum(model, batch).double()
-        totals[1] += (batch["labels"] != -100).sum()
-    if world > 1:
-        dist.all_reduce(totals)
-    model.train()
-    return (totals[0] / totals[1]).item()
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_datasets(args, tokenizer):
+    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
+    lengths = (args.max_length, args.max_target_length)
+    if args.val_file:
+        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
+    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
+    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
+            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))
 
 
 def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
@@ -365,371 +198,428 @@ def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
     return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
 
 
-class StopFlag:
-    """SIGTERM/SIGINT only set a flag; the loop saves at the next step boundary."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self):
-        """After the loop, signals act as usual again (plotting and eval stay interruptible)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def __call__(self, signum, frame):
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
-
-    def agree(self, device):
-        flag = torch.tensor([self.signum or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = int(flag.item()) or None
+def plan_key(args, train_ds) -> dict:
+    """What the batch plan depends on; a run stopped mid-epoch resumes only against the same."""
+    return {"train_sha256": train_ds.sha256, "pairs": len(train_ds), "max_tokens": args.max_tokens,
+            "max_length": args.max_length, "max_target_length": args.max_target_length, "seed": args.seed}
 
 
-def fault(stage: str, step: int):
-    """Test hook: TRAIN_FAULT="[action:]stage@step,..." acts at that point.
+def prefetched(plan, start: int, ds, rank: int, world: int, device):
+    """(step's batches, this rank's collated micro-batches) from plan[start:].
 
-    action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT) or
-    enospc (a write that fails as on a full disk). Stages: mid_step,
-    mid_save, before_commit, before_prune. Unset, this does nothing.
+    On CUDA a thread collates the next steps into pinned memory while the GPU
+    runs the current one, so the GPU never waits for the host; on CPU the
+    cores are busy with the model, so collation stays inline.
     """
-    for item in filter(None, os.environ.get("TRAIN_FAULT", "").split(",")):
-        where, _, at = item.partition("@")
-        action, _, where = where.rpartition(":")
-        if where == stage and int(at) == step:
-            if action == "enospc":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action])
+    def make(step_batches):
+        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
+        if device.type == "cuda":
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return step_batches, batches
 
-
-# ---------------------------------------------------------------- training
-
-
-class Trainer:
-    """The state of one run and the few things done with it; the loop is `fit`."""
-
-    def __init__(self, args, model, tokenizer, train_ds, val_ds, device, rank, world, out: Path, log):
-        self.args, self.tokenizer, self.train_ds, self.val_ds = args, tokenizer, train_ds, val_ds
-        self.device, self.rank, self.world, self.out, self.log = device, rank, world, out, log
-        self.model = model.to(device)
-        if args.fast_dropout:
-            fast_dropout.install(model, device)  # before DDP wraps it; a no-op on GPUs
-        self.ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
-        self.optimizer = make_optimizer(model, args)
-        # Epochs differ slightly in length (batches are filled greedily after a
-        # shuffle), so count each epoch's steps from its own plan.
-        per_epoch = [len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs)]
-        self.total_steps = args.max_steps or sum(per_epoch)
-        warmup = int(args.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_linear(warmup, self.total_steps))
-        self.step = self.epoch = self.position = 0
-        self.best_loss, self.best_step, self.saved_step = None, None, None
-        self.val_at = {}  # step -> validation loss measured at that step
-
-    # -- checkpoints
-
-    def training_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "position": self.position,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "best_val_loss": self.best_loss, "best_step": self.best_step, "world_size": self.world,
-                "batches_per_step": self.args.grad_accum * self.world}
-
-    def load_state(self, state: dict):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.best_loss, self.best_step = state["best_val_loss"], state["best_step"]
-        self.saved_step = self.step
-        before, now = state.get("batches_per_step"), self.args.grad_accum * self.world
-        if before and before != now:  # another world size or --grad-accum: go on at the same batch of the epoch
-            self.position = -(-self.position * before // now)
-            self.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
-                     f"{self.position * now} of epoch {self.epoch + 1}")
-        if self.position >= len(epoch_plan(self.train_ds, self.args, self.epoch, self.world)):
-            self.epoch, self.position = self.epoch + 1, 0
-        set_rng_state(state["rng"])
-        if self.world > 1 and self.rank > 0:  # other ranks: their own dropout noise
-            torch.manual_seed(self.args.seed * 1000 + self.rank * 7919 + self.step)
-
-    def save(self):
-        if self.saved_step == self.step:
-            return
-        if self.rank == 0:
-            hooks = {"mid_save": lambda: fault("mid_save", self.step), "before_commit": lambda: fault("before_commit", self.step),
-                     "before_prune": lambda: fault("before_prune", self.step)}
-            val = self.val_at.get(self.step)
-            if val is not None and (self.best_loss is None or val < self.best_loss):
-                self.best_loss, self.best_step = val, self.step
-            path = ckpt.save_checkpoint(self.out, self.step, self.model, self.tokenizer, self.training_state(),
-                                        vars(self.args), hooks=hooks)
-            best = self.out / f"{ckpt.PREFIX}{self.best_step:08d}" if self.best_step is not None else None
-            ckpt.update_index_and_prune(self.out, path, best, self.best_loss, self.args.keep, hooks=hooks)
-        self.saved_step = self.step
-        barrier(self.world)  # nobody reads a half-written checkpoint
-
-    # -- metrics
-
-    def record(self, row: dict):
-        if self.rank == 0:
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def validate(self, bar):
-        if self.step in self.val_at:
-            return
-        loss = evaluate(self.model, self.val_ds, self.args.max_tokens, self.device, self.rank, self.world)
-        self.val_at[self.step] = loss
-        self.record({"step": self.step, "epoch": self.epoch, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
-        if self.rank == 0:
-            bar.write(f"step {self.step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
-
-    # -- one optimizer step
-
-    def train_step(self, step_batches: list[list[int]]):
-        """Forward/backward over this rank's micro-batches, then one AdamW step.
-
-        The loss is normalised by the number of target tokens of the whole
-        step on all ranks (known from the plan, no communication needed), so
-        accumulation and data parallelism give the gradient of one big batch.
-        """
-        ds, model = self.train_ds, self.ddp or self.model
-        step_tokens = sum(ds.tgt_lengths[i] for b in step_batches for i in b)
-        mine = step_batches[self.rank :: self.world]
-        loss_sum = torch.zeros((), device=self.device)
-        real_tokens = sum(ds.src_lengths[i] + ds.tgt_lengths[i] for b in step_batches for i in b)  # all ranks
-        for k, b in enumerate(mine):
-            batch = to_device(collate([ds[i] for i in b], ds.pad_id), self.device)
-            sync = k == len(mine) - 1 or self.ddp is None
-            with (model.no_sync() if not sync else contextlib.nullcontext()):
-                loss = token_loss_sum(model, batch)
-                (loss * self.world / step_tokens).backward()  # DDP averages over ranks
-            loss_sum += loss.detach()
-        fault("mid_step", self.step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, step_tokens, grad_norm, real_tokens
-
-    def fit(self, stop: StopFlag) -> int:
-        from tqdm import tqdm
-
-        args = self.args
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=self.rank != 0, dynamic_ncols=True)
-        self.model.train()
-        window = {"loss": torch.zeros((), device=self.device), "real": 0, "start": time.perf_counter(), "n": 0}
-        while self.step < self.total_steps:
-            epoch, plan = self.epoch, epoch_plan(self.train_ds, args, self.epoch, self.world)
-            while self.epoch == epoch and self.step < self.total_steps:
-                step_batches = plan[self.position]
-                loss_sum, tokens, grad_norm, real = self.train_step(step_batches)
-                self.step += 1
-                self.position += 1
-                if self.position == len(plan):  # a finished epoch resumes at the next one
-                    self.epoch, self.position = self.epoch + 1, 0
-                window["loss"] += loss_sum / tokens  # this rank's share of the step's mean token loss
-                window["real"] += real
-                window["n"] += 1
-                bar.update(1)
-                if self.step % args.log_every == 0 or self.step == self.total_steps:
-                    self.log_window(window, grad_norm, bar, step_batches)
-                elif args.log_examples:
-                    self.record({"step": self.step, "examples": [i for b in step_batches for i in b]})
-                if self.step % args.eval_every == 0:
-                    self.validate(bar)
-                if self.position == 0:  # end of an epoch
-                    self.validate(bar)
-                if self.world > 1:  # all ranks stop together, or the others would hang
-                    stop.agree(self.device)
-                if self.step % args.save_every == 0 or self.position == 0 or stop.signum:
-                    self.save()
-                if stop.signum:
-                    bar.close()
-                    self.log(f"stopped by {signal.Signals(stop.signum).name} at step {self.step}; checkpoint saved, continue with --resume")
-                    return 128 + stop.signum
-        self.validate(bar)
-        self.save()
-        bar.close()
-        return 0
-
-    def log_window(self, window, grad_norm, bar, step_batches):
-        """The only place the loop waits for the device (.item())."""
-        elapsed = time.perf_counter() - window["start"]
-        total = window["loss"].clone()
-        if self.world > 1:
-            dist.all_reduce(total)  # add up the ranks' shares
-        loss = total.item() / window["n"]
-        lr = self.scheduler.get_last_lr()[0]
-        row = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_s": window["real"] / max(elapsed, 1e-9)}
-        if self.args.log_examples:
-            row["examples"] = [i for b in step_batches for i in b]
-        self.record(row)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        window.update(loss=torch.zeros((), device=self.device), real=0, start=time.perf_counter(), n=0)
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def plot_losses(out: Path):
-    """metrics.jsonl -> loss.png with training and validation loss curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(out / METRICS)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per target token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-
-
-def banner(args, model, train_ds, val_ds, device, world, steps, tokenizer, log):
-    params = sum(p.numel() for p in model.parameters())
-    fast = args.fast_dropout and device.type == "cpu"
-    log(f"device: {device}{f' x {world} processes' if world > 1 else ''}{'; fast dropout masks' if fast else ''}")
-    log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(tokenizer):,})")
-    log(f"train: {train_ds.path}: {train_ds.stats.summary()}")
-    log(f"valid: {val_ds.path}: {val_ds.stats.summary()}")
-    epochs = f"{args.epochs} epochs" if not args.max_steps else f"--max-steps {args.max_steps}"
-    log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
-        f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
-    for i in (0, len(train_ds) // 2):
-        e = train_ds[i]
-        log(f"example {i}:\n  input : {tokenizer.decode(e['input_ids'])}\n  target: {tokenizer.decode(e['labels'])}")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a line cut short by a crash is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
-def truncate_metrics(out: Path, step: int):
-    """Drop metric rows past the checkpoint we resume from (they will be redone)."""
-    path = out / METRICS
-    if path.exists():
-        keep = [json.dumps(r) for r in read_metrics(path) if r["step"] <= step]
-        tmp = path.with_name(ckpt.TMP_PREFIX + METRICS)
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+    if device.type != "cuda":
+        yield from (make(s) for s in plan[start:])
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
+        for s in plan[start + 2 :]:
+            yield ahead.popleft().result()
+            ahead.append(pool.submit(make, s))
+        while ahead:
+            yield ahead.popleft().result()
 
 
 # ---------------------------------------------------------------- main
 
 
+def main(argv=None) -> int:
+    try:
+        return run_script("train.py", run, argv)
+    except OSError as e:  # e.g. the disk filled up while appending metrics or drawing the plot
+        fresh_line()
+        print(f"train.py: error: {ckpt.describe_os_error(e)}; the last checkpoint is intact: "
+              "free space or fix permissions, then rerun with --resume", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # under torchrun: another rank died or stopped answering
+        message = distributed.lost_contact(e)
+        if message is None:
+            raise
+        print(f"\ntrain.py: error: {message}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
 def run(argv) -> int:
-    args = build_parser().parse_args(argv)
-    explicit = explicit_flags(argv)
+    args, typed = build_parser().parse_args(argv), typed_flags(argv)
     out = Path(args.output_dir)
     damaged: list[str] = []  # reported once we know which rank logs
     resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
     if resume_from:
-        # Flags not typed now come from the run being resumed (but the device is this machine's).
-        recorded = ckpt.read_run_config(resume_from)
-        for key, value in recorded.items():
-            if key not in explicit and key not in ("resume", "output_dir", "device") and hasattr(args, key):
-                setattr(args, key, value)
+        typed = merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
     check_args(args)
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    prepare_output_dir(out, args.resume, rank == 0)
-
+    lock = ckpt.prepare_output_dir(out, args.resume, rank == 0, log)  # held until the process ends
     for message in damaged:
         log(message)
-    state = None
     if args.resume and resume_from is None:
-        raise UsageError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
-    data_note = default_data(args)
+        raise UserError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
+    precision = models.resolve_precision(args.precision, device)
+    if rank == 0:
+        data_note = choose_data(args, may_download=True, log=log)
+    distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
+    if rank > 0:
+        data_note = choose_data(args, may_download=False, log=log)
+    for path in filter(None, (args.train_file, args.val_file)):
+        read_dialogues(path)  # a bad data file fails now, not after the model has loaded
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the library's "writing shards" bars would drown ours
-    if resume_from:
-        model, tokenizer = resume_model(resume_from, args, explicit)
-        state = ckpt.load_training_state(resume_from)
-    else:
-        model, tokenizer = choose_model(args, explicit, log)
-    log(data_note)
-    train_ds = DailyDialogDataset(tokenizer, args.train_file, args.max_length, args.max_target_length)
-    val_ds = DailyDialogDataset(tokenizer, args.val_file, args.max_length, args.max_target_length)
+    hf_logging.disable_progress_bar()  # the library's loading and saving bars would drown ours
 
-    torch.manual_seed(args.seed + rank)  # dropout noise; each rank its own
+    if resume_from:
+        model, tokenizer = models.load_checkpoint(resume_from)
+        saved = ckpt.load_training_state(resume_from)
+    else:
+        model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, args.train_file,
+                                                           args.scratch_vocab_size, args.seed, log)
+        saved = None
+    log(data_note)
+    train_ds, val_ds = load_datasets(args, tokenizer)
+
+    torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
     random.seed(args.seed)
-    trainer = Trainer(args, model, tokenizer, train_ds, val_ds, device, rank, world, out, log)
+    model = prepare_model(model, args, device, precision)
+    r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds)
+    r.forward = torch.compile(model) if args.compile else model
+    if world > 1:
+        r.forward = torch.nn.parallel.DistributedDataParallel(r.forward)
+    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "position": 0,
+             "best_val_loss": None, "best_step": None}
+    if saved is not None:
+        restore(state, saved, r, resume_from, typed)
+    r.total_steps = total_steps(args, train_ds, world)
+    if saved is not None and state["step"] >= r.total_steps:
+        raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
+                        "raise --epochs or --max-steps to train longer")
     if rank == 0:  # rows past the resumed step (or all, when starting over) are stale
-        truncate_metrics(out, state["step"] if state else 0)
-    if state is not None:
-        trainer.load_state(state)
-        log(f"resuming from {resume_from.name}: step {trainer.step}, epoch {trainer.epoch + 1}, "
-            f"{trainer.position} steps into it")
-    banner(args, model, train_ds, val_ds, device, world, trainer.total_steps, tokenizer, log)
-    stop = StopFlag()
-    try:
-        code = trainer.fit(stop)
-    finally:
-        stop.restore()
+        runlog.truncate_metrics(out, state["step"], ckpt.TMP_PREFIX)
+    r.saved_step = state["step"] if saved is not None else None
+    if lock is not None:
+        ckpt.sign_lock(lock)
+    banner(r, model, r.total_steps, precision)
+    code = fit(state, r)
     if code == 0 and rank == 0:
-        plot_losses(out)
-        index = ckpt.read_index(out)
-        log(f"done: {trainer.step} steps; best validation loss {index.get('best_val_loss')} in {out / str(index.get('best'))}; "
-            f"latest {out / str(index.get('latest'))}; curves in {out / 'loss.png'}")
-        if args.eval_generate:
-            run_generation_eval(args, out / index["best" if index.get("best") else "latest"], log)
+        finish(state, r)
+    del lock
     return code
 
 
-def run_generation_eval(args, checkpoint_dir: Path, log):
-    import eval as evaluation  # noqa
+class Run:
+    """What stays fixed while `fit` runs: flags, data, device, ranks, and the model as called."""
 
-    report = evaluation.main(["--checkpoint", str(checkpoint_dir), "--data", args.val_file,
-                              "--max-examples", str(args.eval_generate), "--out", str(checkpoint_dir / "eval"),
-                              "--device", args.device])
-    if report:
-        log(f"generation eval failed with exit code {report}")
+    def __init__(self, args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds):
+        self.args, self.out, self.device, self.rank, self.world, self.log = args, out, device, rank, world, log
+        self.precision, self.tokenizer, self.train_ds, self.val_ds = precision, tokenizer, train_ds, val_ds
+        self.forward = None  # the model as the loop calls it (compiled and/or DDP-wrapped)
+        self.total_steps = 0
+        self.saved_step = None
+        self.val_at = {}  # step -> validation loss measured at that step
+        self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss
 
 
-def main(argv=None) -> int:
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (UsageError, DataError, InferError, ckpt.CheckpointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the disk filled up while appending metrics or drawing the plot
-        print(f"train.py: error: {e.filename or 'a file'}: {e.strerror or e}; the last checkpoint is intact: "
-              "free space or fix permissions, then rerun with --resume", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # under torchrun: another rank died or stopped answering
-        if not (dist.is_available() and dist.is_initialized()) or not (
-                isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
-            raise
-        reason = str(e).strip().splitlines()[0].split(". ")[0][:200]
-        print("\n" * (dist.get_rank() == 0) + f"train.py: error: rank {dist.get_rank()}: lost contact with the other processes ({reason}); "
-              f"another rank probably failed first: see its message (torchrun names it under 'Root Cause')", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+def prepare_model(model, args, device, precision):
+    model = model.to(device)  # weights stay fp32 whatever the precision: autocast casts per operation
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"  # --precision fp32 means strict fp32
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    attention = args.attention if args.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    model.set_attn_implementation(attention)
+    if args.fast_dropout:
+        fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
+    return model
+
+
+def make_optimizer(model, args, device):
+    """AdamW; no weight decay on biases and layer-norm weights (1-d tensors). Fused on CUDA: one kernel per step."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused, foreach=not fused)
+
+
+def total_steps(args, train_ds, world: int) -> int:
+    # Epochs differ slightly in length (batches are filled greedily after a
+    # shuffle), so count each epoch's steps from its own plan.
+    return args.max_steps or sum(len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs))
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: 0 -> 1 over the warmup, then linearly back to 0 at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_at(step: int, args, total: int) -> float:
+    return args.lr * lr_factor(step, int(args.warmup_ratio * total), total)
+
+
+def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
+    """Load a checkpoint's training state into ``state``; flags typed now apply from here on.
+
+    With another step size (--grad-accum, world size, or at an epoch end another
+    batch budget) the steps done are recounted as this run's steps to the same
+    point of the data, so the learning rate at a given point of the data stays
+    the same and an epoch run keeps its length.
+    """
+    args = r.args
+    state["optimizer"].load_state_dict(saved["optimizer"])
+    for group, decay in zip(state["optimizer"].param_groups, (args.weight_decay, 0.0), strict=True):
+        group["weight_decay"] = decay  # a typed --weight-decay applies from now on
+    state.update(epoch=saved["epoch"], position=saved["position"], best_val_loss=saved["best_val_loss"],
+                 best_step=saved["best_step"])
+    recorded = saved.get("plan")
+    if saved["position"] > 0 and recorded and recorded != plan_key(args, r.train_ds):
+        changed = ", ".join(k for k in recorded if recorded[k] != plan_key(args, r.train_ds).get(k))
+        raise UserError(f"{checkpoint.name} stopped mid-epoch and its batch plan no longer matches ({changed} changed): "
+                        "resume with the same training file and --max-tokens/--max-length/--max-target-length, "
+                        "or resume from a checkpoint saved at an epoch end")
+    before, now = saved.get("batches_per_step") or args.grad_accum * r.world, args.grad_accum * r.world
+    if before != now:  # go on at the same batch of the epoch
+        state["position"] = ceil_div(saved["position"] * before, now)
+        r.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
+              f"{state['position'] * now} of epoch {state['epoch'] + 1}")
+    if state["position"] >= len(epoch_plan(r.train_ds, args, state["epoch"], r.world)):
+        state["epoch"], state["position"] = state["epoch"] + 1, 0
+    if args.max_steps:  # a length in steps: the steps done (and a recorded length) in steps of the new size
+        state["step"] = ceil_div(saved["step"] * before, now)
+        if "max_steps" not in typed:
+            args.max_steps = ceil_div(args.max_steps * before, now)
+    else:  # a length in epochs: count this run's steps to the same point of the data
+        done = sum(len(epoch_plan(r.train_ds, args, e, r.world)) for e in range(state["epoch"]))
+        state["step"] = done + state["position"]
+    ckpt.set_rng_state(saved["rng"])
+    if r.rank > 0:  # other ranks: their own dropout noise
+        torch.manual_seed(distributed.dropout_seed(args.seed, r.rank, state["step"]))
+    r.log(f"resuming from {checkpoint.name}: step {state['step']}, epoch {state['epoch'] + 1}, "
+          f"{state['position']} steps into it")
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(state: dict, r: Run) -> int:
+    """Train until r.total_steps; returns the exit code (128 + signal when stopped by one)."""
+    from tqdm import tqdm
+
+    args, stop = r.args, distributed.StopFlag()
+    window = {"loss": torch.zeros((), device=r.device), "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+    state["model"].train()
+    with tqdm(total=r.total_steps, initial=state["step"], desc="training", unit="step", disable=r.rank != 0,
+              dynamic_ncols=True) as bar:
+        try:
+            while state["step"] < r.total_steps:
+                plan = epoch_plan(r.train_ds, args, state["epoch"], r.world)
+                for step_batches, batches in prefetched(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
+                    loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, r, step_batches, batches)
+                    state["step"] += 1
+                    state["position"] += 1
+                    end_of_epoch = state["position"] == len(plan)
+                    if end_of_epoch:  # a finished epoch resumes at the next one
+                        state["epoch"], state["position"] = state["epoch"] + 1, 0
+                    last = state["step"] == r.total_steps
+                    window["loss"] += loss_sum / step_tokens  # this rank's share of the step's mean token loss
+                    window["real_tokens"] += real_tokens
+                    window["steps"] += 1
+                    bar.update(1)
+                    if state["step"] % args.log_every == 0 or last:
+                        log_window(state, r, window, grad_norm, bar, step_batches)
+                    elif args.log_examples:
+                        record(r, {"step": state["step"], "examples": [i for b in step_batches for i in b]})
+                    if state["step"] % args.eval_every == 0 or end_of_epoch or last:
+                        validate(state, r, bar)
+                    if r.world > 1:
+                        stop.agree(r.device)
+                    if state["step"] % args.save_every == 0 or end_of_epoch or last or stop.signum:
+                        save(state, r)
+                    if stop.signum:
+                        bar.close()
+                        r.log(f"stopped by {stop.name()} at step {state['step']}; checkpoint saved, continue with --resume")
+                        return 128 + stop.signum
+                    if end_of_epoch or last:
+                        break
+        finally:
+            stop.restore()
+    return 0
+
+
+def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list[dict]):
+    """Forward/backward over this rank's micro-batches, then one AdamW step.
+
+    The loss is normalised by the target tokens of the whole step on all
+    ranks (known from the plan, no communication needed), so accumulation and
+    data parallelism give the gradient of one big batch.
+    """
+    ds, optimizer = r.train_ds, state["optimizer"]
+    step_tokens = sum(ds.tgt_lengths[i] for b in step_batches for i in b)  # targets: what the loss averages over
+    real_tokens = sum(ds.src_lengths[i] + ds.tgt_lengths[i] for b in step_batches for i in b)  # non-pad, all ranks
+    loss_sum = torch.zeros((), device=r.device)
+    for k, batch in enumerate(batches):
+        batch = models.to_device(batch, r.device)
+        sync = k == len(batches) - 1 or r.world == 1  # DDP: all-reduce gradients on the last micro-batch only
+        with r.forward.no_sync() if not sync else contextlib.nullcontext(), models.autocast(r.device, r.precision):
+            loss = models.token_loss_sum(r.forward, batch)
+        (loss * r.world / step_tokens).backward()  # DDP averages over ranks; we want the sum
+        loss_sum += loss.detach()
+    ckpt.fault("mid_step", state["step"] + 1)
+    # Remember the first step whose loss is not finite, without waiting for the device.
+    first = ~torch.isfinite(loss_sum) & torch.isinf(r.first_bad_step)
+    r.first_bad_step = torch.where(first, float(state["step"] + 1), r.first_bad_step)
+    # 0 disables clipping; the norm is still measured for the log.
+    grad_norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(), r.args.max_grad_norm or math.inf)
+    lr = lr_at(state["step"], r.args, r.total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, step_tokens, real_tokens, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int = 1, precision: str = "fp32") -> float:
+    """Validation loss per target token, summed over ranks before dividing."""
+    model.eval()
+    batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in batches:
+        batch = models.to_device(collate([dataset[i] for i in b], dataset.pad_id), device)
+        with models.autocast(device, precision):
+            totals[0] += models.token_loss_sum(model, batch).double()
+        totals[1] += (batch["labels"] != -100).sum()
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+def validate(state: dict, r: Run, bar):
+    step = state["step"]
+    if step in r.val_at:
+        return
+    loss = evaluate(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
+    r.val_at[step] = loss
+    record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+    if r.rank == 0:
+        bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+
+
+def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
+    """The only place the loop waits for the device (.item()): once per --log-every steps."""
+    elapsed = time.perf_counter() - window["start"]
+    total = window["loss"].clone()
+    if r.world > 1:
+        torch.distributed.all_reduce(total)  # add up the ranks' shares
+    loss = total.item() / window["steps"]
+    lr = lr_at(state["step"] - 1, r.args, r.total_steps)  # the rate this step used
+    row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+           "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9)}
+    if r.args.log_examples:
+        row["examples"] = [i for b in step_batches for i in b]
+    record(r, row)
+    check_finite(r)
+    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+    window.update(loss=torch.zeros((), device=r.device), real_tokens=0, start=time.perf_counter(), steps=0)
+
+
+def check_finite(r: Run):
+    """Stop at the first non-finite loss, before anything is saved from it (a host sync: logging and saving only)."""
+    bad = r.first_bad_step.clone()
+    if r.world > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+    if math.isfinite(bad.item()):
+        latest = ckpt.read_index(r.out).get("latest")
+        kept = f"the last good checkpoint ({latest}) is kept" if latest else "no checkpoint was saved"
+        raise UserError(f"step {int(bad.item())}: the training loss is not finite (nan or inf); {kept}: "
+                        f"lower --lr (now {r.args.lr:g}) or raise --warmup-ratio, and start again")
+
+
+def record(r: Run, row: dict):
+    if r.rank == 0:
+        runlog.append(r.out, row)
+
+
+def save(state: dict, r: Run):
+    """Commit checkpoint-<step> (rank 0 writes, everyone waits), then point checkpoints.json at it."""
+    step = state["step"]
+    if r.saved_step == step:
+        return
+    check_finite(r)
+    if r.rank == 0:
+        val = r.val_at.get(step)
+        if val is not None and math.isfinite(val) and (state["best_val_loss"] is None or val < state["best_val_loss"]):
+            state["best_val_loss"], state["best_step"] = val, step
+        saved = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        saved.update(optimizer=state["optimizer"].state_dict(), rng=ckpt.rng_state(), world_size=r.world,
+                     batches_per_step=r.args.grad_accum * r.world, plan=plan_key(r.args, r.train_ds))
+        metrics = {"step": step, "val_loss": val, "best_val_loss": state["best_val_loss"]}
+        path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, run_config(r.args), metrics=metrics)
+        best = r.out / ckpt.checkpoint_name(state["best_step"]) if state["best_step"] is not None else None
+        ckpt.update_index_and_prune(r.out, path, best, state["best_val_loss"], r.args.keep)
+    r.saved_step = step
+    distributed.barrier(r.world)  # nobody reads a half-written checkpoint
+
+
+def run_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def banner(r: Run, model, steps: int, precision: str):
+    args, world, log = r.args, r.world, r.log
+    params = sum(p.numel() for p in model.parameters())
+    notes = [f"{world} processes"] if world > 1 else []
+    notes.append(models.precision_note(precision, r.device))
+    if args.fast_dropout and r.device.type == "cpu":
+        notes.append("fast dropout masks")
+    log(f"device: {r.device} ({'; '.join(notes)})")
+    log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(r.tokenizer):,})")
+    log(f"train: {r.train_ds.path}: {r.train_ds.stats.summary()}")
+    log(f"valid: {r.val_ds.path}{' (held-out dialogues)' if not args.val_file else ''}: {r.val_ds.stats.summary()}")
+    epochs = f"{args.epochs} epochs" if not args.max_steps else f"--max-steps {args.max_steps}"
+    log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
+        f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
+    for i in (0, len(r.train_ds) // 2):
+        e = r.train_ds[i]
+        log(f"example {i}:\n  input : {r.tokenizer.decode(e['input_ids'])}\n  target: {r.tokenizer.decode(e['labels'])}")
+
+
+def finish(state: dict, r: Run):
+    """The loss plot, a summary line, and --eval-generate (eval.py, in its own process)."""
+    runlog.plot_losses(r.out)
+    index = ckpt.read_index(r.out)
+    best = f"best validation loss {index['best_val_loss']:.4f} in {r.out / index['best']}" if index.get("best") else \
+        "no validation loss recorded"
+    r.log(f"done: {state['step']} steps; {best}; latest {r.out / index['latest']}; curves in {r.out / 'loss.png'}")
+    if r.args.eval_generate and not r.args.val_file:
+        r.log("--eval-generate skipped: it needs a validation file (--val-file), not held-out dialogues")
+    elif r.args.eval_generate:
+        import subprocess
+
+        checkpoint = r.out / (index.get("best") or index["latest"])
+        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file, "--max-examples", str(r.args.eval_generate), "--out",
+                   str(r.out / "eval" / checkpoint.name), "--device", str(r.device)]
+        code = subprocess.call(command)
+        if code:
+            r.log(f"generation eval failed with exit code {code}")
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A folder holding a random-init tiny T5 and a tokenizer trained on sample text."""
-    import train
+    import models
 
     d = tmp_path_factory.mktemp("tiny-t5")
-    model, tokenizer = train.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **TINY_CONFIG)
+    model, tokenizer = models.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **TINY_CONFIG)
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d

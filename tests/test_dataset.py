@@ -5,8 +5,19 @@ import collections
 import pytest
 from transformers import AutoTokenizer
 
-from dataset import (EOU, DailyDialogDataset, DataError, assemble_input, batch_cost, collate, dialogue_pairs,
-                     encode_history, padding_efficiency, read_dialogues, token_budget_batches)
+from dataset import (
+    EOU,
+    DailyDialogDataset,
+    DataError,
+    assemble_input,
+    batch_cost,
+    collate,
+    dialogue_pairs,
+    encode_history,
+    padding_efficiency,
+    read_dialogues,
+    token_budget_batches,
+)
 
 
 @pytest.fixture(scope="module")

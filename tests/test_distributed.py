@@ -20,6 +20,7 @@ from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error
 from safetensors.torch import load_file
 
 import checkpoint as ckpt
+import models
 
 STEPS = 8  # 16 of the tiny data's 20 batches per epoch: both runs stay in epoch 0
 DIST_ENV = {"TRAIN_DIST_TIMEOUT": "60"}  # a bug fails in a minute instead of hanging for half an hour
@@ -71,10 +72,9 @@ def step_dir(out, step):
 @pytest.fixture(scope="module")
 def nodrop_model(tmp_path_factory):
     """The tiny T5 without dropout: ranks draw different dropout noise, so exact comparisons need none."""
-    import train
-
+    
     d = tmp_path_factory.mktemp("tiny-t5-nodrop")
-    model, tokenizer = train.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **{**TINY_CONFIG, "dropout_rate": 0.0})
+    model, tokenizer = models.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **{**TINY_CONFIG, "dropout_rate": 0.0})
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
@@ -161,17 +161,19 @@ def test_checkpoint_of_one_rank_resumes_with_two_ranks(one_rank, two_ranks, nodr
 def test_checkpoint_of_two_ranks_resumes_with_one(two_ranks, nodrop_model, data_dir, tmp_path):
     copy = resume_copy(two_ranks[0], tmp_path)
     # One rank with the recorded --grad-accum 1 takes 1 batch per step where the checkpoint took 2:
-    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4.
+    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4, and counts in steps of its own
+    # size: the 4 steps done are 8 of its steps, and --max-steps 8 (of 2 batches) is 16 of them.
     result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "resuming from checkpoint-00000004" in result.stdout and "continuing at batch 8" in result.stdout
+    assert "resuming from checkpoint-00000004: step 8" in result.stdout and "continuing at batch 8" in result.stdout
     resumed, straight = rows(copy), rows(two_ranks[0])
-    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, *range(9, 2 * STEPS + 1)]
     assert resumed[:4] == straight[:4]  # rows of the 2-rank part kept as they were
     after = [r["examples"] for r in resumed[4:]]
-    assert after[0] + after[1] == straight[4]["examples"] and after[2] + after[3] == straight[5]["examples"]
-    assert ckpt.load_training_state(step_dir(copy, 8))["world_size"] == 1
-    assert_infer_loads(step_dir(copy, 8))
+    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
+    assert [r["lr"] for r in resumed[4::2]] == pytest.approx([r["lr"] for r in straight[4:]])  # same rate there
+    assert ckpt.load_training_state(step_dir(copy, 16))["world_size"] == 1
+    assert_infer_loads(step_dir(copy, 16))
 
 
 # ---------------------------------------------------------------- launch mistakes

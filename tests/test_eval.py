@@ -168,16 +168,17 @@ def test_errors_from_the_command_line(tiny_model, tmp_path):
 # ---------------------------------------------------------------- train.py --eval-generate
 
 
-def test_train_eval_generate_writes_the_report_beside_the_checkpoint(tiny_model, data_dir, tmp_path):
+def test_train_eval_generate_writes_the_report_in_the_output_dir(tiny_model, data_dir, tmp_path):
     out = tmp_path / "ckpts"
     result = run_cli(*train_args(tiny_model, data_dir, out, "--max-steps", "2", "--eval-generate", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generation eval failed" not in result.stdout
     index = json.loads((out / "checkpoints.json").read_text())
     checkpoint = out / (index["best"] or index["latest"])
-    report = json.loads((checkpoint / "eval" / "report.json").read_text())
+    report_dir = out / "eval" / checkpoint.name  # beside the checkpoints: pruning never deletes it
+    report = json.loads((report_dir / "report.json").read_text())
     assert report["num_pairs"] == 3 and report["checkpoint"] == str(checkpoint)
     assert report["data"] == str(data_dir / "validation.txt")
     assert report["max_length"] == 64 and report["max_target_length"] == 24  # the run's own lengths
-    assert len(read_samples(checkpoint / "eval")) == 3
+    assert len(read_samples(report_dir)) == 3
     assert "perplexity" in result.stdout

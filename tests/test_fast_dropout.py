@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import fast_dropout
-import train
+import models
 from dataset import DailyDialogDataset, collate
 
 CPU = torch.device("cpu")
@@ -47,9 +47,9 @@ def test_installed_model_computes_the_same_function_in_eval(tiny_model, data_dir
     batch = _batch(tiny_model, data_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
-        before = train.token_loss_sum(model, batch)
+        before = models.token_loss_sum(model, batch)
         changed = fast_dropout.install(model, CPU)
-        after = train.token_loss_sum(model, batch)
+        after = models.token_loss_sum(model, batch)
     n_dropouts = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
     assert changed > n_dropouts > 0 and all(type(m) is fast_dropout.FastDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert not any(m.training for m in model.modules())  # the new modules took the model's eval mode
@@ -65,7 +65,7 @@ def test_installed_model_trains_like_the_original_without_dropout_and_reproducib
         if install:
             fast_dropout.install(model, CPU)
         torch.manual_seed(seed)
-        return train.token_loss_sum(model, batch).item()
+        return models.token_loss_sum(model, batch).item()
 
     assert abs(loss(0.0, True, 0) - loss(0.0, False, 0)) < 1e-3  # attention and masks are the same math
     assert loss(0.1, True, 1) == loss(0.1, True, 1)  # masks come from torch's seeded generator
@@ -83,12 +83,12 @@ def test_attention_probabilities_get_dropout_in_training_only(tiny_model, data_d
             m.p = 0.0
     with torch.no_grad():
         model.eval()
-        clean = train.token_loss_sum(model, batch).item()
+        clean = models.token_loss_sum(model, batch).item()
         model.train()
         torch.manual_seed(0)
-        noisy = train.token_loss_sum(model, batch).item()
+        noisy = models.token_loss_sum(model, batch).item()
         model.eval()
-        assert train.token_loss_sum(model, batch).item() == clean
+        assert models.token_loss_sum(model, batch).item() == clean
     assert abs(noisy - clean) > 1e-3
 
 

@@ -10,6 +10,7 @@ from conftest import TINY_FLAGS, assert_user_error, run_cli
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import checkpoint as ckpt
+import models
 import train
 from dataset import DailyDialogDataset, collate
 
@@ -181,13 +182,12 @@ def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, data_d
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert call_main(train_args("scratch", data_dir, out, "--resume")[1:]) == 2
-    assert "was trained from --model" in capsys.readouterr().err
+    assert "--model cannot change on --resume" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_warmup_then_linear_schedule():
-    f = train.warmup_then_linear(warmup_steps=4, total_steps=12)
-    assert [round(f(s), 3) for s in range(13)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    assert [round(train.lr_factor(s, warmup_steps=4, total_steps=12), 3) for s in range(13)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
 
 
 def _tiny_examples(tiny_model, data_dir, n):
@@ -202,11 +202,11 @@ def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, d
     model, tok, examples = _tiny_examples(tiny_model, data_dir, 8)
     whole = collate(examples, tok.pad_token_id)
     tokens = (whole["labels"] != -100).sum()
-    (train.token_loss_sum(model, whole) / tokens).backward()
+    (models.token_loss_sum(model, whole) / tokens).backward()
     g_whole = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for part in (examples[:3], examples[3:]):
-        (train.token_loss_sum(model, collate(part, tok.pad_token_id)) / tokens).backward()
+        (models.token_loss_sum(model, collate(part, tok.pad_token_id)) / tokens).backward()
     for a, p in zip(g_whole, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
@@ -219,4 +219,4 @@ def test_loss_on_dynamic_padding_equals_the_seed_recipe_padded_to_512(tiny_model
                                                else tok.pad_token_id) for k, v in dynamic.items()}
     assert seed_style["input_ids"].shape == (6, 512) and dynamic["input_ids"].size(1) <= 64
     with torch.no_grad():
-        torch.testing.assert_close(train.token_loss_sum(model, dynamic), train.token_loss_sum(model, seed_style), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(models.token_loss_sum(model, dynamic), models.token_loss_sum(model, seed_style), rtol=1e-5, atol=1e-4)

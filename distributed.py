@@ -1,0 +1,99 @@
+"""Running under torchrun, and stopping cleanly: ranks, barriers, signals, seeds.
+
+One process (plain ``python train.py``) is world size 1 and none of this
+communicates. Under ``torchrun`` every rank runs the same loop on its share of
+each step's batches; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from cli import UserError, pick_device
+
+
+def setup(device_flag: str):
+    """(rank, world_size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_flag)
+    if not all(k in os.environ for k in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise UserError("WORLD_SIZE is set but RANK/MASTER_ADDR/MASTER_PORT are not; launch with torchrun (see README)")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device_flag}: under torchrun use auto, cpu or cuda (each rank takes cuda:LOCAL_RANK)")
+    use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    # How long a rank waits for the others (start-up, barriers, collectives)
+    # before it gives up with an error instead of hanging.
+    timeout = float(os.environ.get("TRAIN_DIST_TIMEOUT", "1800"))
+    try:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    except dist.DistError as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({reason}); "
+                        f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
+    return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def lost_contact(e: RuntimeError) -> str | None:
+    """One line for a collective that failed because another rank died; None for other errors."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
+        return None
+    reason = str(e).strip().splitlines()[0].split(". ")[0][:200]
+    return (f"rank {dist.get_rank()}: lost contact with the other processes ({reason}); another rank probably "
+            "failed first: see its message (torchrun names it under 'Root Cause')")
+
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of a rank starting (or, for ranks > 0, resuming) at ``step``.
+
+    Rank 0 of a fresh run uses ``seed`` itself; other ranks draw their own
+    dropout noise. A resumed rank 0 restores its saved RNG state instead, which
+    is what makes one-process resume bit-exact.
+    """
+    return seed + 7919 * rank + 1_000_003 * step
+
+
+class StopFlag:
+    """SIGTERM/SIGINT only set a flag; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """After the loop, signals act as usual again (plotting and eval stay interruptible)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def agree(self, device):
+        """All ranks stop together (or the others would hang): the max of the flags."""
+        flag = torch.tensor([self.signum or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item()) or None
