@@ -8,7 +8,14 @@ tokenizer files) plus what resuming needs:
   epoch, RNG states; plain tensors and numbers, loaded with
   ``torch.load(weights_only=True)`` so a tampered file cannot run code;
 - ``run_config.json``: the flags of the run;
+- ``README.md``: a model card (license of the training data, base model,
+  metrics so far, the input format and a five-line example), so the folder
+  can be shared and used elsewhere with plain transformers;
 - ``manifest.json``: the sha256 of every other file, written last.
+
+``generation_config.json`` holds infer.py's decoding defaults
+(``models.GENERATION_DEFAULTS``), so ``model.generate`` anywhere answers
+as infer.py does instead of stopping at the library's 20 tokens.
 
 Crash safety comes from the order of operations: everything is written into a
 temporary folder beside the final one and flushed to disk, then one
@@ -20,10 +27,12 @@ manifest verifies.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -35,8 +44,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
+import models
 from cli import UserError
+from dataset import SEPARATOR
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -46,6 +58,13 @@ MANIFEST = "manifest.json"
 STATE = "training_state.pt"
 RUN_CONFIG = "run_config.json"
 LOCK = "train.lock"
+CARD = "README.md"
+GENERATION_CONFIG = "generation_config.json"
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE_DATA = ROOT / "data" / "sample"
+# data/download.py writes this file beside the corpus it verified, wherever --out put it.
+DOWNLOAD_INFO = "download_info.json"
 
 
 class CheckpointError(UserError):
@@ -75,10 +94,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def finite_or_none(data):
+    """``data`` with every NaN or infinity replaced by None (strict JSON has no NaN)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
+def to_json(data, **kwargs) -> str:
+    """Strict JSON: a non-finite number is written as null, never as a bare NaN other parsers reject."""
+    return json.dumps(finite_or_none(data), allow_nan=False, indent=2, **kwargs)
+
+
 def write_json_atomic(path: Path, data):
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
+        f.write(to_json(data))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -205,25 +240,166 @@ def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print):
     return lock
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def set_rng_state(state: dict):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ---------------------------------------------------------------- what travels with the weights
+
+
+def generation_config(model):
+    """The model's generation config with infer.py's decoding defaults and the model's special token ids."""
+
+    config = copy.deepcopy(model.generation_config)
+    options = dict(models.GENERATION_DEFAULTS)
+    if not options["do_sample"]:  # sampling knobs in a greedy config make transformers warn at every generate
+        for knob in ("top_p", "top_k", "temperature"):
+            options.pop(knob)
+            setattr(config, knob, None)
+    config.update(**options)
+    config._from_model_config = False  # set by hand now: older transformers would rebuild a derived one from config.json
+    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        if getattr(config, name, None) is None:
+            setattr(config, name, getattr(model.config, name, None))
+    return config
+
+
+def training_data(train_file) -> dict:
+    """What the model was trained on: card metadata and one line of prose.
+
+    The DailyDialog corpus is recognised by the record data/download.py
+    leaves beside it; anything else a user gave has a license we cannot know.
+    """
+    dailydialog = {"license": "cc-by-nc-sa-4.0", "datasets": ["roskoN/dailydialog"], "tags": ["dailydialog"],
+                   "text": "DailyDialog (Li et al., IJCNLP 2017), fetched from the Hugging Face dataset roskoN/dailydialog. "
+                           "Its license, CC BY-NC-SA 4.0 (non-commercial, attribution, share-alike), carries over to this "
+                           "model."}
+    if not train_file:
+        return {"license": "other", "license_name": "unknown", "text": "Unknown: the run did not record its training file."}
+    path = Path(train_file).resolve()
+    if path.parent == SAMPLE_DATA:
+        return {"license": "other", "license_name": "project-demo-sample",
+                "text": "the demo sample shipped with the code (data/sample): short dialogues written for the project, "
+                        "free to use with its code. A demo, enough to see the pipeline work; not a useful chat model."}
+    try:
+        info = json.loads((path.parent / DOWNLOAD_INFO).read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and "roskoN/dailydialog" in str(info.get("source", "")):
+        return dailydialog
+    return {"license": "other", "license_name": "unknown",
+            "text": f"`{train_file}` (given with --train-file); its license is unknown here: check it before sharing this model."}
+
+
+def base_model(name) -> tuple[str | None, str]:
+    """(hub id for the card's base_model or None, how the weights began in words)."""
+    if not name:
+        return None, "a seq2seq model trained"
+    if name == "scratch":
+        return None, "a small T5 trained from scratch (random initialisation, tokenizer trained on the training text)"
+    if not Path(name).exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        return name, f"[{name}](https://huggingface.co/{name}) fine-tuned"
+    return None, f"a model from the local folder `{Path(name).name}` fine-tuned"
+
+
+def _number(value, digits=4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _loss_row(label: str, loss) -> str:
+    if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
+        return f"| {label} | n/a |"
+    ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past about 709
+    return f"| {label} | {loss:.4f} (perplexity {_number(ppl, 2)}) |"
+
+
+def metrics_table(metrics: dict | None, step: int) -> str:
+    metrics = dict(metrics or {})
+    rows = ["| metric | value |", "|---|---|", f"| optimizer steps | {metrics.pop('step', step)} |"]
+    rows.append(_loss_row("validation loss (this checkpoint)", metrics.pop("val_loss", None)))
+    best, best_step = metrics.pop("best_val_loss", None), metrics.pop("best_step", None)
+    rows.append(_loss_row("best validation loss" + (f" (step {best_step})" if best_step is not None else ""), best))
+    rows += [f"| {name} | {_number(value)} |" for name, value in metrics.items()]
+    return "\n".join(rows)
+
+
+def decoding_summary() -> str:
+    d = models.GENERATION_DEFAULTS
+    how = "sampling" if d["do_sample"] else "greedy" if d["num_beams"] == 1 else f"beam search ({d['num_beams']} beams)"
+    repeats = f", no repeated {d['no_repeat_ngram_size']}-grams" if d["no_repeat_ngram_size"] else ""
+    return f"up to {d['max_new_tokens']} new tokens, {how}{repeats}"
+
+
+def model_card(run_config: dict, metrics: dict | None, step: int) -> str:
+    """README.md of a checkpoint: Hugging Face metadata, the input format, a runnable example, metrics so far."""
+    data = training_data(run_config.get("train_file"))
+    base, origin = base_model(run_config.get("model"))
+    header = {"license": data["license"]}
+    if "license_name" in data:
+        header["license_name"] = data["license_name"]
+    if base:
+        header["base_model"] = base
+    if "datasets" in data:
+        header["datasets"] = data["datasets"]
+    header |= {"tags": ["t5", "dialogue", *data.get("tags", [])], "library_name": "transformers",
+               "pipeline_tag": "text2text-generation"}
+    name = f"{PREFIX}{step:08d}"
+    example = [
+        "from transformers import AutoModelForSeq2SeqLM, AutoTokenizer",
+        f'path = "{name}"  # this folder',
+        "tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForSeq2SeqLM.from_pretrained(path)",
+        f'reply = model.generate(**tokenizer("{SEPARATOR}".join(["Hi , how are you ?", "Fine , thanks . And you ?"]), '
+        'return_tensors="pt"))',
+        "print(tokenizer.decode(reply[0], skip_special_tokens=True))",
+    ]
+    flags = ", ".join(f"{k} {run_config[k]}" for k in ("lr", "epochs", "max_steps", "max_length", "max_target_length", "seed")
+                      if run_config.get(k) is not None)
+    data_text = data["text"] + (" The base model's own license applies too." if base else "")
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False).strip()}
+---
+
+# {name}
+
+A dialogue model: given a conversation so far, it writes the next turn. The weights are {origin}
+for {step} optimizer steps.
+
+Training data: {data_text}
+
+## Input
+
+The conversation so far, oldest turn first and newest last, turns joined by `{SEPARATOR}`, then `</s>`
+(the tokenizer adds it): `Hi , how are you ?{SEPARATOR}Fine , thanks . And you ?</s>`. Punctuation stands apart
+as in DailyDialog. Training inputs held at most {run_config.get("max_length", 512)} tokens: drop the oldest turns
+of longer conversations. `generation_config.json` holds the decoding defaults ({decoding_summary()}),
+so a plain `generate` answers as the project's infer.py does.
+
+## Use
+
+Run from the folder that holds this one, or set `path` to this folder's full path:
+
+```python
+{chr(10).join(example)}
+```
+
+## Metrics
+
+{metrics_table(metrics, step)}
+
+Training flags: {flags or "not recorded"} (all of them in `{RUN_CONFIG}`).
+"""
 
 
 # ---------------------------------------------------------------- saving
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dict, run_config: dict, metrics=None) -> Path:
-    """Write and commit ``checkpoint-<step>``; return its path."""
+def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dict, run_config: dict,
+                    metrics: dict | None = None) -> Path:
+    """Write and commit ``checkpoint-<step>``; return its path.
+
+    ``metrics`` (e.g. ``{"step": 30, "val_loss": 3.2, "best_val_loss": 3.1}``)
+    go into the model card.
+    """
     output_dir = Path(output_dir)
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -234,17 +410,23 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
         tmp.mkdir()
         writing = tmp / "model.safetensors"
         model.save_pretrained(tmp)  # safetensors, config.json, generation_config.json
+        writing = tmp / GENERATION_CONFIG
+        # Written without save_pretrained's strict check, which would refuse to save a base model's
+        # leftover beam settings (say early_stopping) that transformers only warns about at generate.
+        generation_config(model).to_json_file(tmp / GENERATION_CONFIG, use_diff=True)
         writing = tmp / "tokenizer files"
         tokenizer.save_pretrained(tmp)
         fault("mid_save", step)
         writing = tmp / STATE
         torch.save(training_state, tmp / STATE)
         writing = tmp / RUN_CONFIG
-        (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, sort_keys=True))
+        (tmp / RUN_CONFIG).write_text(to_json(run_config, sort_keys=True))
+        writing = tmp / CARD
+        (tmp / CARD).write_text(model_card(run_config, metrics, step))
         writing = tmp / MANIFEST
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {"step": step, "files": {p.name: _sha256(p) for p in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(to_json(manifest))
         for p in tmp.iterdir():
             _fsync_path(p)
         _fsync_path(tmp)
@@ -269,9 +451,12 @@ def update_index_and_prune(output_dir, latest: Path, best: Path | None, best_los
 
     Keeps the newest ``keep`` checkpoints and the best; deletion goes through
     a rename to a trash name so a kill mid-delete never leaves a folder that
-    looks like a checkpoint.
+    looks like a checkpoint. A non-finite best loss (a diverged run) means
+    no best: nothing is kept or recommended for it.
     """
     output_dir = Path(output_dir)
+    if best_loss is not None and not math.isfinite(best_loss):
+        best, best_loss = None, None
     try:
         write_json_atomic(
             output_dir / INDEX,
@@ -292,6 +477,23 @@ def update_index_and_prune(output_dir, latest: Path, best: Path | None, best_los
             shutil.rmtree(trash)
             removed.append(p.name)
     return removed
+
+
+# ---------------------------------------------------------------- random state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------- loading

@@ -14,15 +14,9 @@ import torch
 import checkpoint as ckpt
 import models
 from cli import UserError
+from models import GENERATION_DEFAULTS
 
 DEFAULT_DIR = "checkpoints"
-# Generation defaults, chosen for chat: 64 new tokens rather than the library's
-# 20 (which cuts replies mid-sentence), greedy decoding so answers are
-# reproducible, and no repeated 3-grams, the usual cure for greedy loops.
-# Checkpoints carry them in generation_config.json, so `generate` anywhere decodes the same.
-GENERATION_DEFAULTS = dict(max_new_tokens=64, num_beams=1, do_sample=False, top_p=1.0, top_k=50, temperature=1.0,
-                           no_repeat_ngram_size=3, repetition_penalty=1.0)
-
 
 # ---------------------------------------------------------------- loading
 

@@ -24,6 +24,12 @@ DEFAULT_MODEL = "t5-small"
 # A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
 # with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
 MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special tokens and the alphabet's pieces
+# Generation defaults, chosen for chat: 64 new tokens rather than the library's
+# 20 (which cuts replies mid-sentence), greedy decoding so answers are
+# reproducible, and no repeated 3-grams, the usual cure for greedy loops.
+# Checkpoints carry them in generation_config.json, so `generate` anywhere decodes the same.
+GENERATION_DEFAULTS = dict(max_new_tokens=64, num_beams=1, do_sample=False, top_p=1.0, top_k=50, temperature=1.0,
+                           no_repeat_ngram_size=3, repetition_penalty=1.0)
 SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
 
 
