@@ -529,7 +529,8 @@ def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
     loss = total.item() / window["steps"]
     lr = lr_at(state["step"] - 1, r.args, r.total_steps)  # the rate this step used
     row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-           "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9)}
+           "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9), "real_tokens": window["real_tokens"],
+           "seconds": elapsed}
     if r.args.log_examples:
         row["examples"] = [i for b in step_batches for i in b]
     record(r, row)
