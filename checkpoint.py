@@ -134,8 +134,9 @@ def describe_os_error(e: BaseException, path=None) -> str:
 def fault(stage: str, step: int):
     """Test hook: TRAIN_FAULT="[action:]stage@step,..." acts at that point.
 
-    action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT) or
-    enospc (a write that fails as on a full disk). Stages: mid_step,
+    action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT), stop
+    (SIGSTOP: the process freezes there, holding what it holds, until killed
+    or continued) or enospc (a write that fails as on a full disk). Stages: mid_step,
     mid_save, before_commit, before_prune. Unset, this does nothing.
     """
     for item in filter(None, os.environ.get("TRAIN_FAULT", "").split(",")):
@@ -144,7 +145,8 @@ def fault(stage: str, step: int):
         if where == stage and int(at) == step:
             if action == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action])
+            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
+                                  "stop": signal.SIGSTOP}[action])
 
 
 def make_writable_dir(path: Path):

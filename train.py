@@ -260,12 +260,12 @@ def run(argv) -> int:
     check_args(args)
     rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
+    precision = models.resolve_precision(args.precision, device)  # a refused flag leaves --output-dir untouched
     lock = ckpt.prepare_output_dir(out, args.resume, rank == 0, log)  # held until the process ends
     for message in damaged:
         log(message)
     if args.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
-    precision = models.resolve_precision(args.precision, device)
     if rank == 0:
         data_note = choose_data(args, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
@@ -303,8 +303,8 @@ def run(argv) -> int:
     if saved is not None and state["step"] >= r.total_steps:
         raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
                         "raise --epochs or --max-steps to train longer")
-    if rank == 0:  # rows past the resumed step (or all, when starting over) are stale
-        runlog.truncate_metrics(out, state["step"], ckpt.TMP_PREFIX)
+    if rank == 0:  # rows past the checkpoint (or all, when starting over) are stale; counted as the rows were written,
+        runlog.truncate_metrics(out, saved["step"] if saved is not None else 0, ckpt.TMP_PREFIX)  # before any recount
     r.saved_step = state["step"] if saved is not None else None
     if lock is not None:
         ckpt.sign_lock(lock)
@@ -326,7 +326,7 @@ class Run:
         self.total_steps = 0
         self.saved_step = None
         self.val_at = {}  # step -> validation loss measured at that step
-        self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss
+        self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss or gradient
 
 
 def prepare_model(model, args, device, precision):
@@ -479,11 +479,12 @@ def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list
         (loss * r.world / step_tokens).backward()  # DDP averages over ranks; we want the sum
         loss_sum += loss.detach()
     ckpt.fault("mid_step", state["step"] + 1)
-    # Remember the first step whose loss is not finite, without waiting for the device.
-    first = ~torch.isfinite(loss_sum) & torch.isinf(r.first_bad_step)
-    r.first_bad_step = torch.where(first, float(state["step"] + 1), r.first_bad_step)
     # 0 disables clipping; the norm is still measured for the log.
     grad_norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(), r.args.max_grad_norm or math.inf)
+    # Remember the first step whose loss or gradient is not finite, without waiting for the device: a nan
+    # gradient turns every weight nan at optimizer.step even when the loss itself was finite.
+    first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(r.first_bad_step)
+    r.first_bad_step = torch.where(first, float(state["step"] + 1), r.first_bad_step)
     lr = lr_at(state["step"], r.args, r.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -547,7 +548,7 @@ def check_finite(r: Run):
     if math.isfinite(bad.item()):
         latest = ckpt.read_index(r.out).get("latest")
         kept = f"the last good checkpoint ({latest}) is kept" if latest else "no checkpoint was saved"
-        raise UserError(f"step {int(bad.item())}: the training loss is not finite (nan or inf); {kept}: "
+        raise UserError(f"step {int(bad.item())}: the training loss or its gradient is not finite (nan or inf); {kept}: "
                         f"lower --lr (now {r.args.lr:g}) or raise --warmup-ratio, and start again")
 
 

@@ -10,6 +10,9 @@ import os
 import pickle
 import random
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -243,3 +246,103 @@ def test_a_metrics_line_cut_short_by_a_crash_does_not_block_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     runlog.truncate_metrics(tmp_path, 2)
     assert runlog.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+# ---------------------------------------------------------------- one writer per output dir
+
+
+@pytest.mark.slow
+def test_a_second_train_py_on_a_busy_output_dir_is_refused_and_a_killed_holder_leaves_no_lock(tiny_model, data_dir,
+                                                                                              tmp_path):
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRAIN_FAULT": "stop:mid_step@5"}
+    # A real run that freezes (SIGSTOP) in the middle of step 5, after its save at step 3: it holds the lock.
+    holder = subprocess.Popen([sys.executable, "train.py", *argv(tiny_model, data_dir, out)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), status
+        before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+        assert "checkpoint-00000003" in {p.name for p in ckpt.list_checkpoints(out)}
+        for extra in (["--resume"], []):  # resuming it, or starting over in it
+            result = run_cli("train.py", *argv(tiny_model, data_dir, out, *extra))
+            assert_user_error(result, f"pid {holder.pid} on {socket.gethostname()}", "in use", "--output-dir")
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+        # Reading a checkpoint needs no lock: infer.py answers while the run is busy.
+        result = run_cli("infer.py", "--checkpoint", out, "hello there")
+        assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+    finally:
+        holder.kill()  # kill -9; a stopped process dies too
+        holder.wait()
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume", "--max-steps", "6"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from checkpoint-00000003" in result.stdout
+    assert ckpt.verify(out / "checkpoint-00000006") is None
+
+
+# ---------------------------------------------------------------- messages
+
+
+@pytest.mark.slow
+def test_disk_full_is_an_error_line_of_its_own_naming_the_checkpoint(tiny_model, data_dir, tmp_path):
+    result = run_cli("train.py", *argv(tiny_model, data_dir, tmp_path / "out"), env={"TRAIN_FAULT": "enospc:mid_save@6"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.split("\n") if "error:" in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("train.py: error: ")  # not after the progress bar's text on the same line
+    assert "disk full" in errors[0] and "checkpoint-00000006" in errors[0] and "--resume" in errors[0]
+
+
+# ---------------------------------------------------------------- bf16
+
+
+@pytest.mark.slow
+def test_bf16_resume_after_kill_9_is_bit_exact(tiny_model, data_dir, tmp_path):
+    bf16 = ["--precision", "bf16", "--device", "cpu", "--max-steps", "10"]
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    assert run_cli("train.py", *argv(tiny_model, data_dir, straight, *bf16)).returncode == 0
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, *bf16), env={"TRAIN_FAULT": "kill:mid_step@8"})
+    assert result.returncode == -9
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming from checkpoint-00000006" in result.stdout and "bf16" in result.stdout
+    assert_same_run(out, straight)
+    assert {t.dtype for t in final_weights(out).values()} == {torch.float32}
+
+
+# ---------------------------------------------------------------- kill storm
+
+STORM_FLAGS = ["--save-every", "2", "--eval-every", "2"]  # after FLAGS: about 28 steps in 2 epochs, a save every 2
+
+
+@pytest.mark.slow
+def test_a_storm_of_20_kills_then_resume_gives_the_uninterrupted_run(tiny_model, data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_cli("train.py", *argv(tiny_model, data_dir, straight, *STORM_FLAGS)).returncode == 0
+    total, per_epoch = max(step_rows(straight)), steps_per_epoch(straight)
+    saves = {s for s in range(1, total + 1) if s % 2 == 0 or s in (per_epoch, total)}
+    rng = random.Random(20)
+    stages = ["mid_step", "mid_save", "before_commit", "before_prune"]
+    moments = sorted((rng.randint(1, total), rng.choice(stages)) for _ in range(20))
+    out, done, kills = tmp_path / "out", 0, []
+    for step, stage in moments:
+        # The first step at or after the drawn one that the run still has ahead and that has this stage
+        # (saves only at save steps; a before_prune at the last step would leave nothing to resume).
+        ahead = [s for s in range(max(step, done + 1), total + 1)
+                 if stage == "mid_step" or (s in saves and not (stage == "before_prune" and s == total))]
+        fault = f"kill:{stage}@{ahead[0]}" if ahead else f"kill:mid_step@{max(step, done + 1)}"
+        resume = ["--resume"] if ckpt.list_checkpoints(out) else []
+        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *STORM_FLAGS, *resume), env={"TRAIN_FAULT": fault})
+        assert result.returncode == -9, (fault, result.stderr[-2000:])
+        kills.append(fault)
+        assert not ckpt.list_checkpoints(out) or all_checkpoints_verify(out), fault
+        newest = ckpt.newest_valid(out)
+        done = ckpt.step_of(newest) if newest else 0
+    assert {k.split(":")[1].split("@")[0] for k in kills} == set(stages)
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, *STORM_FLAGS, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, total + 1))  # each training step exactly once
+    assert_same_run(out, straight)

@@ -39,7 +39,8 @@ def launch(cmd, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run cmd in the project root, offline, with no torchrun variables but those in env."""
     full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     full_env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **DIST_ENV, **(env or {})})
-    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def torchrun(*args, nproc=2, script="train.py", env=None) -> subprocess.CompletedProcess:
@@ -99,7 +100,8 @@ def one_rank(nodrop_model, data_dir, tmp_path_factory):
 def test_torchrun_trains_and_only_rank_0_writes(two_ranks):
     out, result = two_ranks
     # One checkpoint set: the saves at steps 4 and 8, nothing half-written, no file per rank.
-    assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl", "loss.png"}
+    assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl",
+                                               "loss.png", ckpt.LOCK}
     for step in (4, 8):
         assert ckpt.verify(step_dir(out, step)) is None
     # One metrics row per step and per validation: rank 1 wrote none.
@@ -111,7 +113,7 @@ def test_torchrun_trains_and_only_rank_0_writes(two_ranks):
     state = ckpt.load_training_state(step_dir(out, 8))
     assert state["world_size"] == 2 and state["step"] == STEPS
     # What the user sees comes once, from rank 0.
-    assert result.stdout.count("device: cpu x 2 processes") == 1
+    assert result.stdout.count("device: cpu (2 processes") == 1
     assert result.stdout.count("done: 8 steps") == 1
     assert result.stdout.count("step 8: validation loss") == 1
 
@@ -193,8 +195,8 @@ def test_ranks_that_never_join_end_with_a_one_line_error_not_a_hang(tiny_model, 
     assert time.perf_counter() - start < 60
 
 
-def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
-    """Rank 1 is SIGKILLed at step 3: torchrun stops rank 0 too and names the rank that failed."""
+def rank_1_dies(tmp_path):
+    """train.py, but TRAIN_FAULT acts on rank 1 only (rank 0 drops it)."""
     wrapper = tmp_path / "rank1_dies.py"
     wrapper.write_text(
         "import os, runpy, sys\n"
@@ -203,6 +205,12 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         f"sys.argv[0] = {str(ROOT / 'train.py')!r}\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return wrapper
+
+
+def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
+    """Rank 1 is SIGKILLed at step 3: torchrun stops rank 0 too and names the rank that failed."""
+    wrapper = rank_1_dies(tmp_path)
     out = tmp_path / "out"
     start = time.perf_counter()
     result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"TRAIN_FAULT": "mid_step@3"})
@@ -212,3 +220,37 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     assert "[rank0]: Traceback" not in result.stderr  # rank 0 explains itself in one line instead
     assert "rank 0: lost contact with the other processes" in result.stderr
     assert not ckpt.list_checkpoints(out)  # nothing saved past the failure (first save is at step 4)
+
+
+@pytest.mark.slow
+def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_processes(nodrop_model, data_dir, two_ranks,
+                                                                                      tmp_path):
+    """kill -9 of rank 1 in step 6, after the save at 4: both world sizes resume from checkpoint 4."""
+    out = tmp_path / "out"
+    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_dies(tmp_path), env={"TRAIN_FAULT": "mid_step@6"})
+    assert result.returncode != 0 and "SIGKILL" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
+    assert len(errors) == 1 and "rank 0: lost contact with the other processes" in errors[0], result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [step_dir(out, 4).name]  # the last commit, intact
+    assert ckpt.verify(step_dir(out, 4)) is None
+    assert not [p for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    shutil.copytree(out, two)
+    shutil.copytree(out, one)
+    result = torchrun(*args_for(nodrop_model, data_dir, two, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004: step 4" in result.stdout
+    resumed, straight = rows(two), rows(two_ranks[0])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["examples"] for r in resumed] == [r["examples"] for r in straight]
+    torch.testing.assert_close(weights(step_dir(two, 8)), weights(step_dir(two_ranks[0], 8)), rtol=1e-5, atol=1e-5)
+
+    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's: 4 steps done are 8.
+    result = python("train.py", *args_for(nodrop_model, data_dir, one, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004: step 8" in result.stdout
+    after = [r["examples"] for r in rows(one) if r["step"] > 8]
+    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
+    assert ckpt.verify(step_dir(one, 2 * STEPS)) is None

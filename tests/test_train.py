@@ -1,12 +1,15 @@
 """train.py end to end, as users run it, on a tiny T5 built by a fixture."""
 
 import json
+import math
 import os
+import shutil
 import stat
 
 import pytest
 import torch
 from conftest import TINY_FLAGS, assert_user_error, run_cli
+from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import checkpoint as ckpt
@@ -64,8 +67,6 @@ def test_training_writes_loadable_checkpoints_metrics_and_plot(finished_run):
 def test_resume_continues_from_the_saved_step(finished_run, tiny_model, data_dir, tmp_path):
     out, _ = finished_run
     copy = tmp_path / "ckpts"
-    import shutil
-
     shutil.copytree(out, copy)
     steps_before = json.loads((copy / "checkpoints.json").read_text())["latest"]
     result = run_cli(*train_args(tiny_model, data_dir, copy, "--resume", "--epochs", "3"))
@@ -116,6 +117,18 @@ def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_di
     (["--max-tokens", "0"], ["--max-tokens"]),
     (["--bogus-flag"], ["unrecognized", "--bogus-flag"]),
     (["--epochs", "two"], ["--epochs", "invalid int"]),
+    (["--device", "mps"], ["--device mps", "cpu"]),
+    (["--device", "xpu"], ["--device xpu", "cpu"]),
+    (["--device", "meta"], ["--device meta", "cpu"]),
+    (["--device", "gpu7"], ["--device gpu7"]),
+    (["--scratch-vocab-size", "3"], ["--scratch-vocab-size", "at least"]),
+    (["--scratch-vocab-size", "0"], ["--scratch-vocab-size", "at least"]),
+    (["--scratch-vocab-size", "-5"], ["--scratch-vocab-size", "at least"]),
+    (["--precision", "fp16"], ["--precision fp16", "bf16"]),
+    (["--precision", "fp8"], ["--precision fp8"]),
+    (["--val-share", "0"], ["--val-share", "between 0 and 1"]),
+    (["--val-share", "1.5"], ["--val-share"]),
+    (["--output-dir", ""], ["--output-dir", "empty"]),
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
     code = call_main(train_args(tiny_model, data_dir, tmp_path / "out", *flags)[1:])
@@ -187,7 +200,8 @@ def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, data_d
 
 
 def test_warmup_then_linear_schedule():
-    assert [round(train.lr_factor(s, warmup_steps=4, total_steps=12), 3) for s in range(13)] == [0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    assert [round(train.lr_factor(s, warmup_steps=4, total_steps=12), 3) for s in range(13)] == [
+        0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
 
 
 def _tiny_examples(tiny_model, data_dir, n):
@@ -207,7 +221,7 @@ def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, d
     model.zero_grad()
     for part in (examples[:3], examples[3:]):
         (models.token_loss_sum(model, collate(part, tok.pad_token_id)) / tokens).backward()
-    for a, p in zip(g_whole, model.parameters()):
+    for a, p in zip(g_whole, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -219,4 +233,288 @@ def test_loss_on_dynamic_padding_equals_the_seed_recipe_padded_to_512(tiny_model
                                                else tok.pad_token_id) for k, v in dynamic.items()}
     assert seed_style["input_ids"].shape == (6, 512) and dynamic["input_ids"].size(1) <= 64
     with torch.no_grad():
-        torch.testing.assert_close(models.token_loss_sum(model, dynamic), models.token_loss_sum(model, seed_style), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(models.token_loss_sum(model, dynamic), models.token_loss_sum(model, seed_style),
+                                   rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- in-process runs: what a run records and how it resumes
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers (JavaScript, jq) do."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def train_rows(out):
+    return [r for r in metrics(out) if "loss" in r]
+
+
+def snapshot(out):
+    """Every file's bytes and mtime: a refused command must leave all of them as they were."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def latest(out):
+    return out / json.loads((out / "checkpoints.json").read_text())["latest"]
+
+
+def one_error_line(capsys) -> str:
+    """The one line of an error; a progress bar before it (its own line, redrawn with \\r) is allowed."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if line.strip() and not line.lstrip("\r").startswith("training:")]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_the_final_validation_counts_for_the_best_checkpoint(tiny_model, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert call_main(train_args(tiny_model, data_dir, out, "--max-steps", "6", "--save-every", "3",
+                                "--eval-every", "1000")[1:]) == 0
+    index = strict_json((out / "checkpoints.json").read_text())
+    assert index["best"] == "checkpoint-00000006" and index["latest"] == "checkpoint-00000006"
+    assert isinstance(index["best_val_loss"], float) and math.isfinite(index["best_val_loss"])
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and "None" not in done[0] and f"{index['best_val_loss']:.4f}" in done[0]
+
+
+@pytest.fixture(scope="module")
+def ten_steps(tiny_model, data_dir, tmp_path_factory):
+    """A --max-steps 10 run with checkpoints at 5 and 10; tests resume copies of it."""
+    out = tmp_path_factory.mktemp("ten-steps") / "ckpts"
+    argv = train_args(tiny_model, data_dir, out, "--max-steps", "10", "--eval-every", "5", "--save-every", "5")
+    assert call_main(argv[1:]) == 0
+    return out
+
+
+@pytest.fixture
+def ten_copy(ten_steps, tmp_path):
+    copy = tmp_path / "ckpts"
+    shutil.copytree(ten_steps, copy)
+    return copy
+
+
+def test_an_lr_typed_with_resume_sets_the_schedule_from_there(ten_copy):
+    assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "13", "--lr", "0.1"]) == 0
+    rows = {r["step"]: r for r in train_rows(ten_copy)}
+    assert sorted(rows) == list(range(1, 14))
+    # 13 steps, no warmup step (int(0.05 * 13) = 0): step s runs at 0.1 * (13 - (s - 1)) / 13.
+    assert [rows[s]["lr"] for s in (11, 12, 13)] == pytest.approx([0.1 * 3 / 13, 0.1 * 2 / 13, 0.1 * 1 / 13])
+    assert rows[10]["lr"] == pytest.approx(5e-4 * 1 / 10)  # the first 10 steps keep their own record
+    end = ckpt.load_training_state(latest(ten_copy))
+    assert end["step"] == 13
+    # The optimizer really ran at that rate, not only the log.
+    assert [g["lr"] for g in end["optimizer"]["param_groups"]] == pytest.approx([0.1 / 13] * 2)
+    config = strict_json((latest(ten_copy) / ckpt.RUN_CONFIG).read_text())
+    assert config["lr"] == 0.1 and config["max_steps"] == 13
+
+
+def test_epochs_typed_with_resume_replace_the_recorded_max_steps(ten_copy):
+    assert call_main(["--resume", "--output-dir", ten_copy, "--epochs", "2"]) == 0
+    end = ckpt.load_training_state(latest(ten_copy))
+    assert end["epoch"] == 2 and end["position"] == 0  # stopped at the end of the second epoch, not at step 10
+    config = strict_json((latest(ten_copy) / ckpt.RUN_CONFIG).read_text())
+    assert config["max_steps"] is None and config["epochs"] == 2
+    steps = [r["step"] for r in train_rows(ten_copy)]
+    assert steps == list(range(1, end["step"] + 1)) and end["step"] > 20
+
+
+def test_resume_with_max_steps_already_reached_changes_nothing(ten_copy, capsys):
+    before = snapshot(ten_copy)
+    assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "5"]) == 2
+    line = one_error_line(capsys)
+    assert "already at step 10" in line and "--max-steps" in line
+    assert snapshot(ten_copy) == before
+    assert [r["step"] for r in metrics(ten_copy) if "val_loss" in r] == [5, 10]  # no validation row twice
+
+
+@pytest.mark.parametrize("flag, value, why", [
+    ("--seed", "7", "data order"),
+    ("--scratch-vocab-size", "300", "tokenizer"),
+    ("--train-file", "other.txt", "data plan"),
+    ("--val-share", "0.3", "held out"),
+])
+def test_flags_fixed_for_a_run_are_refused_on_resume(flag, value, why, ten_copy, data_dir, capsys):
+    if flag == "--train-file":
+        value = ten_copy.parent / value
+        value.write_text((data_dir / "train.txt").read_text())  # a real file; only its name differs
+    before = snapshot(ten_copy)
+    assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "12", flag, value]) == 2
+    line = one_error_line(capsys)
+    assert f"{flag} cannot change on --resume" in line and why in line
+    assert snapshot(ten_copy) == before
+
+
+def test_typing_the_recorded_value_again_is_accepted(ten_copy, data_dir, monkeypatch):
+    monkeypatch.chdir(data_dir)  # the training file typed relative to another folder, still the same file
+    assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "11", "--seed", "42",
+                      "--train-file", "train.txt", "--scratch-vocab-size", "8000"]) == 0
+    assert ckpt.load_training_state(latest(ten_copy))["step"] == 11
+
+
+def epoch_args(model, data, out, *extra):
+    """One epoch (20 steps of the tiny data at --max-tokens 512), every step's examples logged."""
+    return train_args(model, data, out, "--epochs", "1", "--log-examples", "--eval-every", "100", "--save-every", "100",
+                      *extra)[1:]
+
+
+def test_resume_with_another_grad_accum_keeps_the_lr_at_each_point_of_the_data(tiny_model, data_dir, tmp_path,
+                                                                                  monkeypatch):
+    # A warmup of 10%: 2 steps of 1 batch, or 1 step of 2, so the same batches warm up either way.
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    assert call_main(epoch_args(tiny_model, data_dir, straight, "--warmup-ratio", "0.1")) == 0
+    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@8")
+    assert call_main(epoch_args(tiny_model, data_dir, out, "--warmup-ratio", "0.1")) == 143
+    monkeypatch.delenv("TRAIN_FAULT")
+    assert call_main(["--resume", "--output-dir", out, "--grad-accum", "2"]) == 0
+    ref = {r["step"]: r for r in train_rows(straight)}
+    assert sorted(ref) == list(range(1, 21))
+    # 8 steps of one batch are 4 of two: the resumed run counts on from step 4, two batches a step. The log
+    # keeps the 8 rows written before the stop (they happened), then the resumed run's rows.
+    rows = train_rows(out)
+    assert [(r["step"], r["examples"], r["loss"]) for r in rows[:8]] == [
+        (r["step"], r["examples"], r["loss"]) for r in train_rows(straight)[:8]]
+    resumed = rows[8:]
+    assert [r["step"] for r in resumed] == list(range(5, 11))
+    for row in resumed:
+        first, second = ref[2 * row["step"] - 1], ref[2 * row["step"]]
+        assert row["examples"] == first["examples"] + second["examples"]  # the same data, in order
+        assert row["lr"] == pytest.approx(first["lr"], rel=1e-9)  # at the rate the straight run gave it
+    end = ckpt.load_training_state(latest(out))
+    assert (end["step"], end["epoch"], end["position"]) == (10, 1, 0)  # the same end of data: one epoch
+
+
+def test_resume_mid_epoch_needs_the_same_batch_plan(tiny_model, tmp_path, monkeypatch, capsys):
+    from conftest import SAMPLE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.txt").write_text("".join(SAMPLE.joinpath("train.txt").read_text().splitlines(True)[:24]))
+    (data / "validation.txt").write_text("".join(SAMPLE.joinpath("validation.txt").read_text().splitlines(True)[:6]))
+    out = tmp_path / "out"
+    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@5")
+    assert call_main(epoch_args(tiny_model, data, out)) == 143
+    monkeypatch.delenv("TRAIN_FAULT")
+    capsys.readouterr()
+    before = snapshot(out)
+    for flags, named in ((["--max-tokens", "640"], "max_tokens"), (["--max-length", "48"], "max_length"),
+                         (["--max-target-length", "16"], "max_target_length")):
+        assert call_main(["--resume", "--output-dir", out, *flags]) == 2
+        line = one_error_line(capsys)
+        assert "checkpoint-00000005 stopped mid-epoch" in line and named in line
+        assert snapshot(out) == before
+    text = (data / "train.txt").read_text()
+    (data / "train.txt").write_text(text + SAMPLE.joinpath("train.txt").read_text().splitlines(True)[30])
+    assert call_main(["--resume", "--output-dir", out]) == 2
+    assert "train_sha256" in one_error_line(capsys)
+    assert snapshot(out) == before
+    (data / "train.txt").write_text(text)
+
+    assert call_main(["--resume", "--output-dir", out]) == 0
+    seen = [i for r in train_rows(out) for i in r["examples"]]
+    end = ckpt.load_training_state(latest(out))
+    assert (end["epoch"], end["position"]) == (1, 0)
+    assert sorted(seen) == list(range(end["plan"]["pairs"]))  # each example exactly once in the epoch
+
+    # At an epoch end nothing of the old plan is left to follow: another budget is fine.
+    assert call_main(["--resume", "--output-dir", out, "--epochs", "2", "--max-tokens", "640"]) == 0
+    end2 = ckpt.load_training_state(latest(out))
+    assert (end2["epoch"], end2["position"], end2["plan"]["max_tokens"]) == (2, 0, 640)
+    second = train_rows(out)[end["step"]:]  # the rows the last resume wrote, after the first epoch's
+    assert sorted(i for r in second for i in r["examples"]) == list(range(end["plan"]["pairs"]))
+    assert len(second) < 20  # bigger batches: fewer steps than the first epoch's 20
+
+
+def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_only_good_checkpoints(tiny_model, data_dir, tmp_path,
+                                                                                       capsys):
+    # --lr 1e4 really diverges on the tiny model within a few steps: the loss or its gradient turns nan.
+    out = tmp_path / "out"
+    assert call_main(train_args(tiny_model, data_dir, out, "--max-steps", "20", "--lr", "1e4", "--save-every", "1",
+                                "--eval-every", "2")[1:]) == 2
+    line = one_error_line(capsys)
+    assert "not finite" in line and "lower --lr" in line
+    bad = int(line.split("step ")[1].split(":")[0])
+    kept = ckpt.list_checkpoints(out)
+    assert kept and all(ckpt.step_of(p) < bad for p in kept)  # nothing saved from the bad step on
+    assert f"last good checkpoint ({kept[-1].name})" in line
+    for path in kept:  # "good" means it: no nan or inf in any weight
+        assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values()), path.name
+    index = strict_json((out / "checkpoints.json").read_text())
+    assert index["latest"] == kept[-1].name
+    assert index["best"] is None or (math.isfinite(index["best_val_loss"]) and (out / index["best"]).is_dir())
+    rows = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) <= bad
+
+
+def test_a_relative_train_file_is_recorded_absolute_and_resume_works_from_elsewhere(tiny_model, data_dir, tmp_path,
+                                                                                       monkeypatch):
+    shutil.copytree(data_dir, tmp_path / "d")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert call_main(["--model", tiny_model, "--train-file", "d/train.txt", "--val-file", "d/validation.txt",
+                      "--output-dir", "out", *TINY_FLAGS, "--max-steps", "2", "--save-every", "2"]) == 0
+    config = strict_json((tmp_path / "out" / "checkpoint-00000002" / ckpt.RUN_CONFIG).read_text())
+    assert config["train_file"] == str(tmp_path / "d" / "train.txt")
+    assert config["val_file"] == str(tmp_path / "d" / "validation.txt")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no d/ here
+    assert call_main(["--resume", "--output-dir", tmp_path / "out", "--max-steps", "3"]) == 0
+    assert ckpt.load_training_state(latest(tmp_path / "out"))["step"] == 3
+
+
+def held_out_args(model, corpus, out, *extra):
+    return ["--model", model, "--train-file", corpus, "--output-dir", out, *TINY_FLAGS, "--max-steps", "6",
+            "--eval-every", "2", "--save-every", "2", *extra]
+
+
+def test_without_a_validation_file_a_seeded_share_is_held_out_and_resume_reuses_it(tiny_model, tmp_path, capsys):
+    from conftest import SAMPLE
+
+    corpus = tmp_path / "x" / "dialogues_text.txt"  # no validation.txt beside it
+    corpus.parent.mkdir()
+    shutil.copy(SAMPLE / "train.txt", corpus)
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    assert call_main(held_out_args(tiny_model, corpus, straight, "--val-share", "0.2")) == 0
+    said = capsys.readouterr().out
+    assert "20% of its dialogues held out for validation (seed 42)" in said
+    assert "valid: " in said and "(held-out dialogues): 24 dialogues" in said  # 20% of 120
+    config = strict_json((latest(straight) / ckpt.RUN_CONFIG).read_text())
+    assert config["val_share"] == 0.2 and config["val_file"] is None
+
+    # The same run stopped after step 4 and resumed without the flag: same held-out dialogues, so
+    # the same validation loss at step 6 (resume is bit-exact, so the weights are the same).
+    shutil.copytree(straight, out)
+    shutil.rmtree(out / "checkpoint-00000006")
+    assert call_main(["--resume", "--output-dir", out]) == 0
+    assert "(held-out dialogues): 24 dialogues" in capsys.readouterr().out
+    val = {r["step"]: r["val_loss"] for r in metrics(out) if "val_loss" in r}
+    assert val == {r["step"]: r["val_loss"] for r in metrics(straight) if "val_loss" in r}
+
+    # The default share holds out fewer dialogues, and so measures a different loss.
+    assert call_main(held_out_args(tiny_model, corpus, tmp_path / "default")) == 0
+    said = capsys.readouterr().out
+    assert "5% of its dialogues held out" in said and "(held-out dialogues): 6 dialogues" in said
+    assert [r["val_loss"] for r in metrics(tmp_path / "default") if "val_loss" in r] != list(val.values())
+
+
+def test_bf16_on_cpu_trains_close_to_fp32_and_saves_fp32(tiny_model, data_dir, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert call_main(train_args(tiny_model, data_dir, out, "--device", "cpu", "--precision", precision,
+                                    "--max-steps", "8", "--log-examples")[1:]) == 0
+        runs[precision] = train_rows(out)
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert [r["examples"] for r in bf16] == [r["examples"] for r in fp32]  # the same batches
+    assert all(math.isfinite(r["loss"]) for r in bf16)
+    # bf16 keeps 8 bits of mantissa (relative rounding 2**-9, about 0.2%) in matmul inputs and outputs; over
+    # a few layers and 8 small steps the loss moves by a few tenths of a percent. 1% is room for that and
+    # far below what a wrong forward pass (a dropped mask, a wrong scale) does to a loss near ln(400) = 6.
+    torch.testing.assert_close([r["loss"] for r in bf16], [r["loss"] for r in fp32], rtol=0.01, atol=0)
+    assert [r["loss"] for r in bf16] != [r["loss"] for r in fp32]  # and bf16 really ran
+    end = latest(tmp_path / "bf16")
+    assert {t.dtype for t in load_file(end / "model.safetensors").values()} == {torch.float32}
+    state = ckpt.load_training_state(end)
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values() if t.dim() > 0]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
