@@ -99,7 +99,7 @@ def one_rank(nodrop_model, data_dir, tmp_path_factory):
 def test_torchrun_trains_and_only_rank_0_writes(two_ranks):
     out, result = two_ranks
     # One checkpoint set: the saves at steps 4 and 8, nothing half-written, no file per rank.
-    assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl", "loss.png"}
+    assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl", "loss.png", ckpt.LOCK}
     for step in (4, 8):
         assert ckpt.verify(step_dir(out, step)) is None
     # One metrics row per step and per validation: rank 1 wrote none.
