@@ -1,6 +1,8 @@
-"""Tests for data/download.py. No test touches the network: the extraction
-and verification run on small zips built here in the corpus' layout, and the
-offline path runs the real CLI with the hub made unreachable."""
+"""Tests for corpus.py and its CLI data/download.py. No test touches the real
+hub: the extraction and verification run on small zips built here in the
+corpus' layout, the offline path runs the real CLI with the hub made
+unreachable, and the download path runs it against a stand-in hub
+(tests/hub_server.py)."""
 import importlib.util
 import json
 import os
@@ -11,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+import corpus as dl
+
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download.py"
 _spec = importlib.util.spec_from_file_location("dd_download", SCRIPT)
-dl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dl)
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
 
 # Two or three small dialogues per split; train's second dialogue also occurs
 # in test, with different spacing (what --dedupe must catch).
@@ -63,7 +67,7 @@ def zips(tmp_path, monkeypatch):
 
 
 def run_main(src, out, *extra):
-    return dl.main(["--from-dir", str(src), "--out", str(out), *extra])
+    return script.main(["--from-dir", str(src), "--out", str(out), *extra])
 
 
 # --- read_split / verify_split ----------------------------------------------
@@ -214,7 +218,7 @@ def test_main_bad_archive_writes_nothing(zips, tmp_path, capsys, monkeypatch):
     (zips / "test.zip").write_bytes(b"PK\x03\x04 broken")
     assert run_main(zips, out) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "test.zip" in err
+    assert err.startswith("download.py: error: ") and err.count("\n") == 1 and "test.zip" in err
     assert not out.exists()
 
     make_zip(zips / "test.zip", "test")
@@ -226,6 +230,7 @@ def test_main_bad_archive_writes_nothing(zips, tmp_path, capsys, monkeypatch):
 
 # --- offline: the real CLI, hub unreachable ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [
     {"HF_HUB_OFFLINE": "1"},               # only the (empty) local cache may be used
     {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens on the discard port
@@ -239,5 +244,5 @@ def test_offline_cli_fails_fast_with_one_line(tmp_path, env):
                           env=full_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("download.py: error: ")
     assert not (tmp_path / "out").exists()
