@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -228,8 +229,10 @@ def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path
 
     where = f"{REPO_ID}@{revision}"
     try:
-        return Path(hf_hub_download(REPO_ID, f"{split}.zip", repo_type="dataset", revision=revision,
-                                    force_download=force and not offline, local_files_only=offline))
+        with warnings.catch_warnings():  # a full disk is reported below, in one line, if it really happens
+            warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
+            return Path(hf_hub_download(REPO_ID, f"{split}.zip", repo_type="dataset", revision=revision,
+                                        force_download=force and not offline, local_files_only=offline))
     except LocalEntryNotFoundError as e:
         if offline:
             raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {split}.zip of {where} is not in the local Hugging Face "

@@ -355,3 +355,76 @@ def test_hub_reachable_honours_hf_hub_offline_and_hf_endpoint(fake_hub, tmp_path
     env = {**fake_hub.env(tmp_path / "hf"), "HF_HUB_OFFLINE": offline}
     result = run_cli("-c", "import hub; print(hub.hub_reachable(), hub.endpoint())", env=env)
     assert result.stdout.split() == [expected, fake_hub.url], result.stderr[-2000:]
+
+
+# --- a full disk -------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that size (remounting resizes it); skips where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = []
+
+    def mount(size):
+        opts = f"remount,size={size}" if mounted else f"size={size}"
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True, text=True)
+        except OSError as e:
+            pytest.skip(f"no mount command here ({e})")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
+        mounted.append(size)
+        return folder
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def full_size_zips(folder):
+    folder.mkdir()
+    for split in dl.SPLITS:
+        hub_server.make_zip(folder / f"{split}.zip", split, hub_corpus()[split])
+    return folder
+
+
+def assert_clean_after_disk_full(out, capsys, name):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full" in err and str(out / name) in err, err
+    assert not dl.available(out) and not (out / dl.MANIFEST).exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("name", ["validation.txt", dl.MANIFEST])
+def test_disk_full_while_writing_keeps_nothing_half_written(zips, tmp_path, capsys, monkeypatch, name):
+    out = tmp_path / "out"
+    assert run_main(zips, out) == 0
+    monkeypatch.setenv("DOWNLOAD_FAULT", f"enospc@{name}")  # where no small disk can be mounted
+    assert run_main(zips, out, "--force") == 2
+    assert_clean_after_disk_full(out, capsys, name)  # written files without a manifest never pass for complete
+    monkeypatch.delenv("DOWNLOAD_FAULT")
+    assert run_main(zips, out) == 0 and dl.available(out)
+
+
+def test_disk_full_for_real_then_the_next_run_starts_clean(small_disk, tmp_path, capsys):
+    src, out = full_size_zips(tmp_path / "zips"), small_disk("64k") / "out"
+    assert script.main(["--from-dir", str(src), "--out", str(out)]) == 2  # train.txt alone is 570 kB
+    assert_clean_after_disk_full(out, capsys, "train.txt")
+    small_disk("4m")  # the user frees space
+    assert script.main(["--from-dir", str(src), "--out", str(out)]) == 0
+    for split in dl.SPLITS:
+        assert (out / f"{split}.txt").read_text().splitlines() == hub_corpus()[split]
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_hub_cache_is_one_line_then_the_next_run_starts_clean(fake_hub, small_disk, tmp_path):
+    cache, out = small_disk("16k"), tmp_path / "out"
+    env = {**hub_env(fake_hub, tmp_path), "HF_HUB_CACHE": str(cache)}  # train.zip is 30 kB
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert_user_error(result, "disk full", "train.zip", "Hugging Face cache", str(cache))
+    assert not out.exists() and not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
+    small_disk("4m")
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_corpus_written(out, fake_hub.repos[("datasets", dl.REPO_ID)].commit)
