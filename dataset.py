@@ -22,6 +22,7 @@ it, so the model sees the same format in both.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     try:
         raw = path.read_bytes()
     except OSError as e:  # unreadable (permissions, I/O error): the user can fix it, no traceback
-        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check its permissions") from None
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check that it is a readable file") from None
     if b"\x00" in raw[:4096]:  # text files never hold NUL bytes
         raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
     if not raw.strip():
@@ -145,6 +146,12 @@ def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, m
     return out, truncated
 
 
+# Text read with errors="surrogateescape" (a terminal in the C locale) carries
+# lone surrogates, which the tokenizer cannot take; they stand for bytes that
+# were not UTF-8, so they become the replacement character.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list[int]:
     """Token ids of the model input for a conversation so far (newest last).
 
@@ -153,7 +160,7 @@ def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list
     that a 100,000-character prompt does not cost a long tokenization.
     """
     char_cap = max_length * 16  # far more characters than max_length tokens need
-    turns = [" ".join(t.split())[-char_cap:] for t in history]
+    turns = [_LONE_SURROGATE.sub("\ufffd", " ".join(t.split())[-char_cap:]) for t in history]
     turns = [t for t in turns if t]
     if not turns:
         raise ValueError("empty prompt: type some text")

@@ -1,6 +1,7 @@
 """Parsing, pairing, truncation, batching: dataset.py on small hand-made files."""
 
 import collections
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -68,6 +69,14 @@ def test_unusable_files_are_errors_that_name_the_file(tmp_path, content, words):
     assert str(path) in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_file_that_cannot_be_read_is_an_error():
+    # /proc/self/mem exists but reading it from offset 0 fails (EIO), as a damaged disk or a
+    # permission problem would (root ignores permissions, so they cannot stand in for it here).
+    with pytest.raises(DataError, match="cannot be read"):
+        read_dialogues("/proc/self/mem")
 
 
 def test_missing_file_is_an_error(tmp_path):
