@@ -4,6 +4,7 @@ corpus' layout, the offline path runs the real CLI with the hub made
 unreachable, and the download path runs it against a stand-in hub
 (tests/hub_server.py)."""
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import hub_server
 import pytest
-from conftest import STAND_IN_HOST, assert_user_error, hub_corpus, run_cli
+import torch
+from conftest import SAMPLE, STAND_IN_HOST, TINY_CONFIG, assert_user_error, hub_corpus, run_cli
 
 import corpus as dl
 import hub
@@ -349,6 +351,19 @@ def test_hub_reachable_asks_the_proxy_unless_no_proxy(fake_hub, fake_proxy, no_p
     assert hub.hub_reachable(fake_hub.url)
 
 
+def test_fake_proxy_tunnels_connect_as_https_clients_use_it(fake_hub, fake_proxy):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", fake_proxy.port, timeout=30)
+    conn.set_tunnel("hub.invalid", 80)
+    conn.request("GET", f"/api/datasets/{dl.REPO_ID}")
+    info = json.loads(conn.getresponse().read())
+    conn.close()
+    assert info["sha"] == fake_hub.repos[("datasets", dl.REPO_ID)].commit
+    assert fake_proxy.requests == [("CONNECT", "hub.invalid:80")]
+    assert fake_hub.requests == [("GET", f"/api/datasets/{dl.REPO_ID}")]
+
+
 @pytest.mark.parametrize("offline, expected", [("1", "False"), ("0", "True")])
 def test_hub_reachable_honours_hf_hub_offline_and_hf_endpoint(fake_hub, tmp_path, offline, expected):
     # Both are read by huggingface_hub when it is imported: a fresh interpreter sees them as a user's would.
@@ -428,3 +443,48 @@ def test_disk_full_in_the_hub_cache_is_one_line_then_the_next_run_starts_clean(f
     result = run_cli(SCRIPT, "--out", out, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_corpus_written(out, fake_hub.repos[("datasets", dl.REPO_ID)].commit)
+
+
+# --- a tokenizer folder that has only a raw spiece.model ---------------------
+
+@pytest.fixture(scope="module")
+def spiece_model_dir(tmp_path_factory):
+    """A T5 folder as older hub repos have it: config, weights and a SentencePiece model, no tokenizer.json."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from dataset import SEPARATOR, read_dialogues
+
+    d = tmp_path_factory.mktemp("spiece-t5")
+    dialogues, _ = read_dialogues(SAMPLE / "train.txt")
+    proto = io.BytesIO()
+    # T5's ids: <pad>=0, </s>=1, <unk>=2, no <s>.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([SEPARATOR.join(t) for t in dialogues]), model_writer=proto,
+                                   vocab_size=300, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    (d / "spiece.model").write_bytes(proto.getvalue())
+    extra_ids = 100  # the <extra_id_N> sentinels T5's tokenizer adds after the pieces
+    config = T5Config(vocab_size=300 + extra_ids, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_CONFIG)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(d)
+    return d
+
+
+def test_a_raw_spiece_model_loads_tokenizes_and_round_trips(spiece_model_dir):
+    import sentencepiece as spm
+
+    import models
+    from dataset import read_dialogues
+
+    assert {p.name for p in spiece_model_dir.iterdir()} == {"spiece.model", "config.json", "generation_config.json",
+                                                              "model.safetensors"}
+    model, tokenizer = models.load_pretrained(str(spiece_model_dir))  # needs sentencepiece and protobuf
+    assert len(tokenizer) <= model.config.vocab_size
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_model_dir / "spiece.model"))
+    turns = [t for d in read_dialogues(SAMPLE / "train.txt")[0][:20] for t in d]  # every character is in its vocabulary
+    for text in turns:
+        ids = tokenizer(text).input_ids
+        assert ids == sp.encode(text) + [tokenizer.eos_token_id]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[0]])).logits
+    assert logits.shape[-1] == model.config.vocab_size
