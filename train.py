@@ -29,14 +29,13 @@ import checkpoint as ckpt
 import corpus
 import distributed
 import fast_dropout
-import hub
 import models
 import runlog
 from cli import OneLineParser, UserError, fresh_line, run_script
 from dataset import DailyDialogDataset, collate, holdout, read_dialogues, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
-FULL_DATA = ROOT / "data" / "dailydialog"  # written by corpus.download (python data/download.py)
+FULL_DATA = corpus.DEFAULT_OUT  # data/dailydialog, written by corpus.download (or python data/download.py)
 SAMPLE_DATA = ROOT / "data" / "sample"  # the project's own small demo dialogues
 
 
@@ -154,8 +153,11 @@ def absolute(value, key):
 def choose_data(args, may_download: bool, log) -> str:
     """Fill in --train-file (the corpus, downloaded if needed, else the sample); returns what it is."""
     if args.train_file is None:
-        if not corpus.available(FULL_DATA) and may_download and not args.no_download and hub.hub_reachable():
-            corpus.download(FULL_DATA, log=log)
+        if not corpus.available(FULL_DATA) and may_download and not args.no_download:
+            try:
+                corpus.download(FULL_DATA, log=log)
+            except corpus.HubUnreachable:
+                pass  # offline: the demo sample, with the note below
         base = FULL_DATA if corpus.available(FULL_DATA) else SAMPLE_DATA
         args.train_file = str(base / "train.txt")
         if args.val_file is None:
