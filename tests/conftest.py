@@ -44,12 +44,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return d
 
 
-def run_cli(*args, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
+def run_cli(*args, env=None, input=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run a project script as a user would: `python script.py args` in the project root."""
     # One thread: tiny models gain nothing from more, and on a busy 2-core
     # machine spinning OpenMP threads slow every step down a hundredfold.
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, input=input,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, input=input,
                           capture_output=True, text=True, timeout=timeout)
 
 
