@@ -305,8 +305,8 @@ def run(argv) -> int:
     if saved is not None and state["step"] >= r.total_steps:
         raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
                         "raise --epochs or --max-steps to train longer")
-    if rank == 0:  # rows past the resumed step (or all, when starting over) are stale
-        runlog.truncate_metrics(out, state["step"], ckpt.TMP_PREFIX)
+    if rank == 0:  # rows past the checkpoint (or all, when starting over) are stale
+        runlog.truncate_metrics(out, saved["step"] if saved else 0, ckpt.TMP_PREFIX)
     r.saved_step = state["step"] if saved is not None else None
     if lock is not None:
         ckpt.sign_lock(lock)
