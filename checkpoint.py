@@ -390,6 +390,41 @@ Training flags: {flags or "not recorded"} (all of them in `{RUN_CONFIG}`).
 """
 
 
+# ---------------------------------------------------------------- resuming a run's flags
+
+# Fixed for the life of a run: typing another value with --resume is refused.
+FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
+                   "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
+                   "scratch_vocab_size": "the tokenizer is already trained"}
+NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
+
+
+def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
+    """Flags not typed now come from the run being resumed; typed ones must be changeable.
+
+    Returns the flags whose typed value differs from the recorded one (typing
+    the run's own value again changes nothing).
+    """
+    changed = {k for k in typed if k not in recorded or _as_recorded(getattr(args, k), k) != recorded[k]}
+    for key, value in recorded.items():
+        if key in NOT_RECORDED or not hasattr(args, key):
+            continue
+        if key not in typed:
+            setattr(args, key, value)
+        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
+                            f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
+    if "epochs" in changed and "max_steps" not in typed:
+        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
+    return changed
+
+
+def _as_recorded(value, key):
+    """Paths are recorded absolute, so --resume works from any directory."""
+    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
+
+
 # ---------------------------------------------------------------- saving
 
 

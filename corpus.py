@@ -44,7 +44,7 @@ from pathlib import Path
 
 import hub
 from cli import UserError
-from dataset import EOU, DataError, split_lines
+from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
 
 REPO_ID = "roskoN/dailydialog"
 # Should be pinned to a commit sha of roskoN/dailydialog once verified: every
@@ -345,3 +345,56 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
     _write_outputs(out, dialogues, manifest, log)
     log(LICENSE + " It is downloaded for your use; do not redistribute it with this project.")
     return out
+
+
+# ---------------------------------------------------------------- which data a run trains on
+
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"  # the project's own small demo dialogues
+
+
+def absolute(path):
+    """Paths are recorded absolute, so --resume works from any directory."""
+    return str(Path(path).resolve()) if path else path
+
+
+def choose_data(args, may_download: bool, log) -> str:
+    """Fill in train.py's --train-file/--val-file; returns a line saying what the data is.
+
+    No --train-file: the corpus in data/dailydialog, downloaded first when the
+    hub answers (unless --no-download), else the demo sample. A training file
+    with no validation.txt beside it leaves --val-file empty: the run then holds
+    out --val-share of its dialogues (`load_datasets`).
+    """
+    if args.train_file is None:
+        if not available(DEFAULT_OUT) and may_download and not args.no_download:
+            try:
+                download(DEFAULT_OUT, log=log)
+            except HubUnreachable:
+                pass  # offline: the demo sample, with the note below
+        base = DEFAULT_OUT if available(DEFAULT_OUT) else SAMPLE_DATA
+        args.train_file = str(base / "train.txt")
+        if args.val_file is None:
+            args.val_file = str(base / "validation.txt")
+        if base == SAMPLE_DATA:
+            why = "--no-download" if args.no_download else "the Hugging Face hub did not answer"
+            return (f"note: training on the project's small demo sample (data/sample; {why}); for real results run "
+                    "`python data/download.py` or train with a connection to get the full DailyDialog corpus")
+        return "data: the full DailyDialog corpus in data/dailydialog"
+    if args.val_file is None:
+        candidate = Path(args.train_file).with_name("validation.txt")
+        if candidate.exists() and candidate.resolve() != Path(args.train_file).resolve():
+            args.val_file = str(candidate)
+    args.train_file, args.val_file = absolute(args.train_file), absolute(args.val_file)
+    if args.val_file is None:
+        return f"data: {args.train_file}, {args.val_share:.0%} of its dialogues held out for validation (seed {args.seed})"
+    return f"data: {args.train_file} (validation: {args.val_file})"
+
+
+def load_datasets(args, tokenizer):
+    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
+    lengths = (args.max_length, args.max_target_length)
+    if args.val_file:
+        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
+    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
+    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
+            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))

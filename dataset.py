@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,3 +332,28 @@ def padding_efficiency(src_lengths, tgt_lengths, batches) -> float:
     real = sum(src_lengths[i] + tgt_lengths[i] for b in batches for i in b)
     padded = sum(batch_cost(src_lengths, tgt_lengths, b) for b in batches)
     return real / max(padded, 1)
+
+
+def collated_steps(plan, start: int, ds, rank: int, world: int, device):
+    """(step's batches, this rank's collated micro-batches) from plan[start:].
+
+    On CUDA a thread collates the next steps into pinned memory while the GPU
+    runs the current one, so the GPU never waits for the host; on CPU the
+    cores are busy with the model, so collation stays inline.
+    """
+    def make(step_batches):
+        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
+        if device.type == "cuda":
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return step_batches, batches
+
+    if device.type != "cuda":
+        yield from (make(s) for s in plan[start:])
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
+        for s in plan[start + 2 :]:
+            yield ahead.popleft().result()
+            ahead.append(pool.submit(make, s))
+        while ahead:
+            yield ahead.popleft().result()

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import fast_dropout
 import hub
 from cli import UserError
 from dataset import SEPARATOR, read_dialogues
@@ -116,7 +117,23 @@ def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size:
     return (*build_scratch(train_file, scratch_vocab_size, seed), "scratch")
 
 
-# ---------------------------------------------------------------- loss
+# ---------------------------------------------------------------- training
+
+
+def prepare_for_training(model, device, precision: str, attention: str, use_fast_dropout: bool):
+    """On the device, with the attention kernel and CUDA math settings the run asked for."""
+    model = model.to(device)  # weights stay fp32 whatever the precision: autocast casts per operation
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"  # --precision fp32 means strict fp32
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    attention = attention if attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    model.set_attn_implementation(attention)
+    if use_fast_dropout:
+        fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
+    return model
+
+
+
 
 
 def to_device(batch: dict, device) -> dict:

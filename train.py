@@ -19,8 +19,6 @@ import math
 import random
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,15 +26,12 @@ import torch
 import checkpoint as ckpt
 import corpus
 import distributed
-import fast_dropout
 import models
 import runlog
 from cli import OneLineParser, UserError, fresh_line, run_script
-from dataset import DailyDialogDataset, collate, holdout, read_dialogues, token_budget_batches
+from dataset import collate, collated_steps, read_dialogues, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
-FULL_DATA = corpus.DEFAULT_OUT  # data/dailydialog, written by corpus.download (or python data/download.py)
-SAMPLE_DATA = ROOT / "data" / "sample"  # the project's own small demo dialogues
 
 
 # ---------------------------------------------------------------- flags
@@ -89,13 +84,6 @@ def typed_flags(argv) -> set[str]:
     return set(vars(p.parse_args(argv)))
 
 
-# Fixed for the life of a run: typing another value with --resume is refused.
-FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
-                   "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
-                   "scratch_vocab_size": "the tokenizer is already trained"}
-NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
-
-
 def check_args(args):
     """Refuse contradictory or impossible settings before any work starts."""
     positive = {"--lr": args.lr, "--epochs": args.epochs, "--max-tokens": args.max_tokens, "--grad-accum": args.grad_accum,
@@ -121,70 +109,7 @@ def check_args(args):
         raise UserError("--output-dir is empty; name a folder, e.g. --output-dir checkpoints")
 
 
-def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
-    """Flags not typed now come from the run being resumed; typed ones must be changeable.
-
-    Returns the flags whose typed value differs from the recorded one (typing
-    the run's own value again changes nothing).
-    """
-    changed = {k for k in typed if k not in recorded or absolute(getattr(args, k), k) != recorded[k]}
-    for key, value in recorded.items():
-        if key in NOT_RECORDED or not hasattr(args, key):
-            continue
-        if key not in typed:
-            setattr(args, key, value)
-        elif key in FIXED_ON_RESUME and value is not None and absolute(getattr(args, key), key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
-                            f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
-    if "epochs" in changed and "max_steps" not in typed:
-        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
-    return changed
-
-
-def absolute(value, key):
-    """Paths are recorded absolute, so --resume works from any directory."""
-    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
-
-
 # ---------------------------------------------------------------- data
-
-
-def choose_data(args, may_download: bool, log) -> str:
-    """Fill in --train-file (the corpus, downloaded if needed, else the sample); returns what it is."""
-    if args.train_file is None:
-        if not corpus.available(FULL_DATA) and may_download and not args.no_download:
-            try:
-                corpus.download(FULL_DATA, log=log)
-            except corpus.HubUnreachable:
-                pass  # offline: the demo sample, with the note below
-        base = FULL_DATA if corpus.available(FULL_DATA) else SAMPLE_DATA
-        args.train_file = str(base / "train.txt")
-        if args.val_file is None:
-            args.val_file = str(base / "validation.txt")
-        if base == SAMPLE_DATA:
-            why = "--no-download" if args.no_download else "the Hugging Face hub did not answer"
-            return (f"note: training on the project's small demo sample (data/sample; {why}); for real results run "
-                    "`python data/download.py` or train with a connection to get the full DailyDialog corpus")
-        return "data: the full DailyDialog corpus in data/dailydialog"
-    if args.val_file is None:
-        candidate = Path(args.train_file).with_name("validation.txt")
-        if candidate.exists() and candidate.resolve() != Path(args.train_file).resolve():
-            args.val_file = str(candidate)
-    args.train_file, args.val_file = absolute(args.train_file, "train_file"), absolute(args.val_file, "val_file")
-    if args.val_file is None:
-        return f"data: {args.train_file}, {args.val_share:.0%} of its dialogues held out for validation (seed {args.seed})"
-    return f"data: {args.train_file} (validation: {args.val_file})"
-
-
-def load_datasets(args, tokenizer):
-    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
-    lengths = (args.max_length, args.max_target_length)
-    if args.val_file:
-        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
-    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
-            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))
 
 
 def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
@@ -204,31 +129,6 @@ def plan_key(args, train_ds) -> dict:
     """What the batch plan depends on; a run stopped mid-epoch resumes only against the same."""
     return {"train_sha256": train_ds.sha256, "pairs": len(train_ds), "max_tokens": args.max_tokens,
             "max_length": args.max_length, "max_target_length": args.max_target_length, "seed": args.seed}
-
-
-def prefetched(plan, start: int, ds, rank: int, world: int, device):
-    """(step's batches, this rank's collated micro-batches) from plan[start:].
-
-    On CUDA a thread collates the next steps into pinned memory while the GPU
-    runs the current one, so the GPU never waits for the host; on CPU the
-    cores are busy with the model, so collation stays inline.
-    """
-    def make(step_batches):
-        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
-        if device.type == "cuda":
-            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-        return step_batches, batches
-
-    if device.type != "cuda":
-        yield from (make(s) for s in plan[start:])
-        return
-    with ThreadPoolExecutor(1) as pool:
-        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
-        for s in plan[start + 2 :]:
-            yield ahead.popleft().result()
-            ahead.append(pool.submit(make, s))
-        while ahead:
-            yield ahead.popleft().result()
 
 
 # ---------------------------------------------------------------- main
@@ -258,7 +158,7 @@ def run(argv) -> int:
     damaged: list[str] = []  # reported once we know which rank logs
     resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
     if resume_from:
-        typed = merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
+        typed = ckpt.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
     check_args(args)
     rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -269,10 +169,10 @@ def run(argv) -> int:
         raise UserError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
     precision = models.resolve_precision(args.precision, device)
     if rank == 0:
-        data_note = choose_data(args, may_download=True, log=log)
+        data_note = corpus.choose_data(args, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
-        data_note = choose_data(args, may_download=False, log=log)
+        data_note = corpus.choose_data(args, may_download=False, log=log)
     for path in filter(None, (args.train_file, args.val_file)):
         read_dialogues(path)  # a bad data file fails now, not after the model has loaded
 
@@ -288,11 +188,11 @@ def run(argv) -> int:
                                                            args.scratch_vocab_size, args.seed, log)
         saved = None
     log(data_note)
-    train_ds, val_ds = load_datasets(args, tokenizer)
+    train_ds, val_ds = corpus.load_datasets(args, tokenizer)
 
     torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
     random.seed(args.seed)
-    model = prepare_model(model, args, device, precision)
+    model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
     r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds)
     r.forward = torch.compile(model) if args.compile else model
     if world > 1:
@@ -329,18 +229,6 @@ class Run:
         self.saved_step = None
         self.val_at = {}  # step -> validation loss measured at that step
         self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss
-
-
-def prepare_model(model, args, device, precision):
-    model = model.to(device)  # weights stay fp32 whatever the precision: autocast casts per operation
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"  # --precision fp32 means strict fp32
-        torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    attention = args.attention if args.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
-    model.set_attn_implementation(attention)
-    if args.fast_dropout:
-        fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
-    return model
 
 
 def make_optimizer(model, args, device):
@@ -429,7 +317,7 @@ def fit(state: dict, r: Run) -> int:
         try:
             while state["step"] < r.total_steps:
                 plan = epoch_plan(r.train_ds, args, state["epoch"], r.world)
-                for step_batches, batches in prefetched(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
+                for step_batches, batches in collated_steps(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
                     loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, r, step_batches, batches)
                     state["step"] += 1
                     state["position"] += 1
@@ -580,7 +468,7 @@ def save(state: dict, r: Run):
 
 
 def run_config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    return {k: v for k, v in vars(args).items() if k not in ckpt.NOT_RECORDED}
 
 
 # ---------------------------------------------------------------- reporting
@@ -618,8 +506,9 @@ def finish(state: dict, r: Run):
         import subprocess
 
         checkpoint = r.out / (index.get("best") or index["latest"])
-        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file, "--max-examples", str(r.args.eval_generate), "--out",
-                   str(r.out / "eval" / checkpoint.name), "--device", str(r.device)]
+        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file,
+                   "--max-examples", str(r.args.eval_generate), "--out", str(r.out / "eval" / checkpoint.name),
+                   "--device", str(r.device)]
         code = subprocess.call(command)
         if code:
             r.log(f"generation eval failed with exit code {code}")
