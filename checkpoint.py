@@ -144,7 +144,8 @@ def fault(stage: str, step: int):
         if where == stage and int(at) == step:
             if action == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}[action])
+            signals = {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+            os.kill(os.getpid(), signals[action])
 
 
 def make_writable_dir(path: Path):
@@ -227,11 +228,13 @@ def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print):
     try:
         make_writable_dir(out)
     except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); fix its permissions or pass another folder") from None
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); "
+                        "fix its permissions or pass another folder") from None
     lock = lock_output_dir(out)  # before looking at its contents: another run may be changing them
     has_run = bool(list_checkpoints(out)) or (out / INDEX).exists()
     if resume and not list_checkpoints(out):
-        raise UserError(f"--resume: no checkpoint in {out}; run without --resume to start training, or pass the right --output-dir")
+        raise UserError(f"--resume: no checkpoint in {out}; run without --resume to start training, "
+                        "or pass the right --output-dir")
     if has_run and not resume:
         raise UserError(f"{out} already holds a training run; add --resume to continue it, or pass another --output-dir")
     removed = remove_leftovers(out)

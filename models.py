@@ -147,7 +147,8 @@ def token_loss_sum(model, batch):
     the labels shifted right, as the model itself would build them.
     """
     decoder_input_ids = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=decoder_input_ids).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100, reduction="sum")
 
 
