@@ -360,6 +360,7 @@ def run(argv) -> int:
     args = build_parser().parse_args(argv)
     if args._arm:
         return run_arm_here(args)
+    benchlib.data_files(args.data_dir)  # a missing folder fails before any work
     import torch
 
     cuda = torch.cuda.is_available()
@@ -370,7 +371,6 @@ def run(argv) -> int:
     elif not cuda:
         raise UserError("no CUDA GPU here: this benchmark measures GPU training; run it on a GPU machine, "
                         "or pass --quick for a CPU smoke run (fp32 arms only)")
-    benchlib.data_files(args.data_dir)  # a missing folder fails before any work
     sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b.strip()]
     for flag, value in (("--pairs", args.pairs), ("--max-tokens", args.max_tokens), ("--log-every", args.log_every),
                         ("--generate-pairs", args.generate_pairs), ("--infer-prompts", args.infer_prompts)):

@@ -27,8 +27,9 @@ EVAL_MAX_TOKENS = 4096  # fixed token budget of the one validation function ever
 NEVER = str(10**9)  # --eval-every/--save-every beyond any run: only the end-of-run validation and save remain
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets; the T4 has no bf16, so its fp16.
-GPU_PEAKS = [(r"H100.*PCIe", 756.0), (r"H100", 989.0), (r"H200", 989.0), (r"A100", 312.0), (r"\bL4\b", 121.0),
-             (r"RTX 4090", 165.0), (r"\bT4\b", 65.0)]
+# None: a card not in this table (the H100 NVL runs at other clocks), whose peak is measured instead.
+GPU_PEAKS = [(r"H100.*PCIe", 756.0), (r"H100.*NVL", None), (r"H100", 989.0), (r"H200", 989.0), (r"A100", 312.0),
+             (r"\bL4\b", 121.0), (r"RTX 4090", 165.0), (r"\bT4\b", 65.0)]
 
 
 def data_files(data_dir) -> tuple[Path, Path]:
@@ -168,8 +169,10 @@ def device_peak(device) -> dict:
                 "source": "measured fp32 torch.mm 1024^3"}
     name = torch.cuda.get_device_name(device)
     for pattern, tflops in GPU_PEAKS:
-        if re.search(pattern, name):
+        if re.search(pattern, name) and tflops:
             return {"device": name, "tflops": tflops, "source": "data sheet, dense " + ("fp16" if tflops == 65.0 else "bf16")}
+        if re.search(pattern, name):
+            break
     return {"device": name, "tflops": matmul_tflops(device, torch.bfloat16, 8192, 5.0), "source": "measured bf16 torch.mm 8192^3"}
 
 
