@@ -414,11 +414,11 @@ def validate(state: dict, r: Run, bar):
 
 def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
     """The only place the loop waits for the device (.item()): once per --log-every steps."""
-    elapsed = time.perf_counter() - window["start"]
     total = window["loss"].clone()
     if r.world > 1:
         torch.distributed.all_reduce(total)  # add up the ranks' shares
-    loss = total.item() / window["steps"]
+    loss = total.item() / window["steps"]  # waits for the queued steps, so the time below counts all of them
+    elapsed = time.perf_counter() - window["start"]
     lr = lr_at(state["step"] - 1, r.args, r.total_steps)  # the rate this step used
     row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
            "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9), "real_tokens": window["real_tokens"],
