@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -125,3 +126,49 @@ def token_loss_sum(model, batch):
     decoder_input_ids = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100, reduction="sum")
+
+
+# ---------------------------------------------------------------- precision
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def add_precision_arg(parser):
+    """--precision, shared by train.py, infer.py and eval.py."""
+    parser.add_argument("--precision", default="auto",
+                        help="auto (bf16 on a CUDA GPU that supports it, else fp32), fp32 or bf16; bf16 runs the model "
+                             "under autocast with fp32 weights. fp16 is not offered: T5's activations overflow it")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 that runs at speed: any CPU (autocast), an Ampere-or-newer NVIDIA GPU, any ROCm GPU."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    # torch.cuda.is_bf16_supported() asks about the current device and counts slow emulation as support.
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(flag: str, device) -> str:
+    """--precision as "fp32" or "bf16" for ``device``; UserError for fp16 or an unknown value."""
+    device = torch.device(device)
+    if flag in ("fp16", "float16", "half"):
+        # T5 was trained in bfloat16; in fp16 its feed-forward activations exceed 65504 (fp16's largest value)
+        # and become inf, then NaN.
+        raise UserError(f"--precision {flag}: T5's feed-forward activations overflow fp16 (NaN losses); "
+                        "use --precision bf16 or fp32")
+    if flag not in PRECISIONS:
+        raise UserError(f"--precision {flag}: not a precision; use auto, fp32 or bf16")
+    if flag == "auto":
+        return "bf16" if device.type == "cuda" and bf16_supported(device) else "fp32"
+    if flag == "bf16" and not bf16_supported(device):
+        raise UserError(f"--precision bf16: {device} has no native bfloat16 (a GPU older than Ampere); use --precision fp32")
+    return flag
+
+
+def autocast(device, precision: str):
+    """The context the model runs in: bf16 autocast (weights stay fp32), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32' or 'bf16' (from resolve_precision), got {precision!r}")
