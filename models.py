@@ -135,7 +135,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def add_precision_arg(parser):
     """--precision, shared by train.py, infer.py and eval.py."""
-    parser.add_argument("--precision", default="auto",
+    parser.add_argument("--precision", default="auto", metavar="{auto,fp32,bf16}",
                         help="auto (bf16 on a CUDA GPU that supports it, else fp32), fp32 or bf16; bf16 runs the model "
                              "under autocast with fp32 weights. fp16 is not offered: T5's activations overflow it")
 
@@ -144,6 +144,8 @@ def bf16_supported(device: torch.device) -> bool:
     """bfloat16 that runs at speed: any CPU (autocast), an Ampere-or-newer NVIDIA GPU, any ROCm GPU."""
     if device.type != "cuda":
         return device.type == "cpu"
+    if not torch.cuda.is_available():
+        return False
     # torch.cuda.is_bf16_supported() asks about the current device and counts slow emulation as support.
     return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
