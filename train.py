@@ -509,8 +509,7 @@ def finish(state: dict, r: Run):
 
         checkpoint = r.out / (index.get("best") or index["latest"])
         command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file,
-                   "--max-examples", str(r.args.eval_generate), "--out", str(r.out / "eval" / checkpoint.name),
-                   "--device", str(r.device)]
+                   "--max-examples", str(r.args.eval_generate), "--device", str(r.device), "--precision", r.precision]
         code = subprocess.call(command)
         if code:
             r.log(f"generation eval failed with exit code {code}")
