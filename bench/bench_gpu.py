@@ -56,8 +56,8 @@ T5_SMALL = dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_
 QUICK_MODEL = dict(T5_SMALL, d_model=64, d_ff=256, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2)
 PADDED_VOCAB = 32128  # t5-small's embedding rows
 # name -> (train.py --precision, --attention, --compile)
-TRAIN_ARMS = {"fp32": ("fp32", "eager", False), "bf16": ("bf16", "eager", False), "bf16-sdpa": ("bf16", "sdpa", False),
-              "bf16-sdpa-compile": ("bf16", "sdpa", True)}
+TRAIN_ARMS = {"fp32": ("fp32", "eager", False), "tf32": ("tf32", "eager", False), "bf16": ("bf16", "eager", False),
+              "bf16-sdpa": ("bf16", "sdpa", False), "bf16-sdpa-compile": ("bf16", "sdpa", True)}
 ALL_ARMS = [*TRAIN_ARMS, "hf", "generate"]
 QUICK = dict(pairs=300, val_dialogues=10, max_tokens=2048, hf_batch_sizes="16,32", hf_probe_pairs=64, generate_pairs=16,
              infer_prompts=3, log_every=5)
@@ -329,11 +329,11 @@ def choose_arms(args, cuda: bool) -> tuple[list[str], list[str]]:
     unknown = [a for a in wanted if a not in ALL_ARMS]
     if unknown:
         raise UserError(f"--arms {','.join(unknown)}: unknown; choose from {', '.join(ALL_ARMS)}")
-    notes = ["tf32: not measured: train.py's --precision fp32 turns TF32 off and it has no TF32 choice"]
+    notes = []
     if not cuda:
         gpu_only = [a for a in wanted if a in TRAIN_ARMS and TRAIN_ARMS[a][0] != "fp32"]
         if gpu_only:
-            notes.append(f"{', '.join(gpu_only)}: need CUDA (bf16 autocast, sdpa and compile are GPU arms here); skipped")
+            notes.append(f"{', '.join(gpu_only)}: need CUDA (TF32, bf16 autocast, sdpa and compile are GPU arms here); skipped")
         wanted = [a for a in wanted if a not in gpu_only]
     if "hf" in wanted and not benchlib.has_accelerate():
         notes.append("hf: skipped: Seq2SeqTrainer needs accelerate (pip install accelerate)")
@@ -400,9 +400,9 @@ def run(argv) -> int:
             say(line)
         results = {"data": data, "settings": json.loads((w / "settings.json").read_text()), "notes": notes,
                    "peak": benchlib.run_arm(SCRIPT, w, "peak")}
-        if cuda and not results["peak"].get("bf16", True):
+        if cuda and not results["peak"].get("bf16", True):  # no bf16 means pre-Ampere: no TF32 either
             arms = [a for a in arms if a not in TRAIN_ARMS or TRAIN_ARMS[a][0] == "fp32"]
-            notes.append("bf16 arms: this GPU has no bf16; skipped")
+            notes.append("tf32 and bf16 arms: this GPU has neither; skipped")
         for name in [a for a in arms if a in TRAIN_ARMS]:
             say(f"running {name} ...")
             results[name] = benchlib.run_arm(SCRIPT, w, name)
