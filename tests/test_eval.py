@@ -81,6 +81,7 @@ def test_perplexity_is_the_models_own_loss(loaded, data_dir):
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_eval_writes_report_and_samples_in_file_order(tiny_model, data_dir, tmp_path):
     checkpoint = tmp_path / "model"
     shutil.copytree(tiny_model, checkpoint)
@@ -169,6 +170,7 @@ def test_bad_inputs_are_one_line_errors(tiny_model, data_dir, tmp_path, capsys):
     assert not (tiny_model / "eval").exists() and not (tiny_model.parent / "eval" / tiny_model.name).exists()
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line(tiny_model, tmp_path):
     prose = tmp_path / "prose.txt"
     prose.write_text("Just a normal text file.\n")
@@ -290,6 +292,7 @@ def test_ctrl_c_while_generating_is_one_line_and_130(tiny_model, tmp_path):
 # ---------------------------------------------------------------- train.py --eval-generate
 
 
+@pytest.mark.slow
 def test_train_eval_generate_writes_the_report_in_the_output_dir(tiny_model, data_dir, tmp_path):
     out = tmp_path / "ckpts"
     result = run_cli(*train_args(tiny_model, data_dir, out, "--max-steps", "2", "--eval-generate", "3"))

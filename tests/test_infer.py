@@ -26,6 +26,7 @@ def loaded(tiny_model):
     return model, tokenizer
 
 
+@pytest.mark.slow
 def test_one_shot_prints_only_the_response_on_stdout(tiny_model):
     result = run_cli("infer.py", "--checkpoint", tiny_model, "How are you?", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
@@ -33,6 +34,7 @@ def test_one_shot_prints_only_the_response_on_stdout(tiny_model):
     assert len(lines) == 1 and lines[0].strip()
 
 
+@pytest.mark.slow
 def test_piped_input_gives_one_response_per_line(tiny_model):
     result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "6",
                      input="Hello there .\n\nWhat time is it ?\n")
@@ -98,6 +100,7 @@ def test_generate_response_decoding_options(loaded):
     assert len(steps) == 64
 
 
+@pytest.mark.slow
 def test_a_100k_character_prompt_is_truncated_and_answered(tiny_model):
     prompt = "blah " * 20_000 + "How are you ?"
     result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "4", prompt)
@@ -136,6 +139,7 @@ def test_chat_ends_on_eof(loaded, monkeypatch):
 # ---------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_error_paths_are_one_line_with_exit_code_2(tiny_model, tmp_path):
     assert_user_error(run_cli("infer.py", "--checkpoint", tmp_path / "nope", "Hi"), "no such folder")
     (tmp_path / "empty").mkdir()
@@ -152,6 +156,7 @@ def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch)
     assert "python train.py" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_truncated_safetensors_is_a_one_line_error(tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
