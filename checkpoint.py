@@ -145,8 +145,9 @@ def fault(stage: str, step: int):
         if where == stage and int(at) == step:
             if action == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.kill(os.getpid(), {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
-                                  "stop": signal.SIGSTOP}[action])
+            signals = {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
+                       "stop": signal.SIGSTOP}
+            os.kill(os.getpid(), signals[action])
 
 
 def make_writable_dir(path: Path):
@@ -229,11 +230,13 @@ def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print):
     try:
         make_writable_dir(out)
     except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); fix its permissions or pass another folder") from None
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror}); "
+                        "fix its permissions or pass another folder") from None
     lock = lock_output_dir(out)  # before looking at its contents: another run may be changing them
     has_run = bool(list_checkpoints(out)) or (out / INDEX).exists()
     if resume and not list_checkpoints(out):
-        raise UserError(f"--resume: no checkpoint in {out}; run without --resume to start training, or pass the right --output-dir")
+        raise UserError(f"--resume: no checkpoint in {out}; run without --resume to start training, "
+                        "or pass the right --output-dir")
     if has_run and not resume:
         raise UserError(f"{out} already holds a training run; add --resume to continue it, or pass another --output-dir")
     removed = remove_leftovers(out)
@@ -390,6 +393,41 @@ Run from the folder that holds this one, or set `path` to this folder's full pat
 
 Training flags: {flags or "not recorded"} (all of them in `{RUN_CONFIG}`).
 """
+
+
+# ---------------------------------------------------------------- resuming a run's flags
+
+# Fixed for the life of a run: typing another value with --resume is refused.
+FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
+                   "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
+                   "scratch_vocab_size": "the tokenizer is already trained"}
+NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
+
+
+def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
+    """Flags not typed now come from the run being resumed; typed ones must be changeable.
+
+    Returns the flags whose typed value differs from the recorded one (typing
+    the run's own value again changes nothing).
+    """
+    changed = {k for k in typed if k not in recorded or _as_recorded(getattr(args, k), k) != recorded[k]}
+    for key, value in recorded.items():
+        if key in NOT_RECORDED or not hasattr(args, key):
+            continue
+        if key not in typed:
+            setattr(args, key, value)
+        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
+                            f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
+    if "epochs" in changed and "max_steps" not in typed:
+        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
+    return changed
+
+
+def _as_recorded(value, key):
+    """Paths are recorded absolute, so --resume works from any directory."""
+    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
 
 
 # ---------------------------------------------------------------- saving

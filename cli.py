@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -35,7 +36,9 @@ def pick_device(flag: str) -> torch.device:
     if flag == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(flag)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on deprecated names (mkldnn) would make the error two lines
+            device = torch.device(flag)
     except (RuntimeError, ValueError):
         raise UserError(f"--device {flag}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: not built or tested here

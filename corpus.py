@@ -1,11 +1,400 @@
-"""Placeholder until the corpus module lands: just what train.py needs."""
+"""The DailyDialog corpus: fetch it from the hub, verify it, extract it.
+
+Source: the Hugging Face dataset repo roskoN/dailydialog, which holds the
+original files of Li et al. (IJCNLP 2017) as train.zip / validation.zip /
+test.zip, each containing {split}/dialogues_{split}.txt plus the per-turn
+labels dialogues_act_{split}.txt and dialogues_emotion_{split}.txt.
+(yanran.li's original download is dead; script-based hub datasets no longer
+load.) License: CC BY-NC-SA 4.0 -- the project downloads the corpus, it never
+ships it.
+
+Result: OUT/{train,validation,test}.txt, the dialogues_{split}.txt content
+unchanged (one dialogue per line, every turn followed by __eou__), plus
+OUT/download_info.json, which records source, options and checksums.
+
+Guarantees:
+- Everything is verified before anything is written: layout, dialogue counts
+  (11,118 / 1,000 / 1,000), and for every dialogue as many act and emotion
+  labels as turns. A failed check writes nothing.
+- Each file is written under a temporary name and renamed into place; the
+  old manifest is removed first and the new one written last, so a run that
+  was interrupted (Ctrl-C, kill, a full disk) never looks complete: the next
+  run redoes it. Data already there (manifest present) is left alone unless
+  force.
+- dedupe drops training dialogues that also occur in the test split, where
+  "occur" means identical after whitespace normalisation (runs of whitespace
+  collapsed to one space, ends stripped; case and punctuation kept).
+- Every problem the user can fix is a `cli.UserError` with a one-line
+  message naming the fix; `HubUnreachable` when the hub cannot be reached,
+  `dataset.DataError` when an archive is damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
+import hub
+from cli import UserError
+from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
 
-def available(out) -> bool:
+REPO_ID = "roskoN/dailydialog"
+# Should be pinned to a commit sha of roskoN/dailydialog once verified: every
+# run prints (and records in download_info.json) the commit "main" resolved to.
+REVISION = "main"
+SPLITS = ("train", "validation", "test")
+EXPECTED_COUNTS = {"train": 11_118, "validation": 1_000, "test": 1_000}
+LICENSE = ("DailyDialog (Li et al., IJCNLP 2017) is licensed CC BY-NC-SA 4.0: "
+           "non-commercial use, attribution, share-alike.")
+DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "dailydialog"
+MANIFEST = "download_info.json"
+ACT_LABELS = {"1", "2", "3", "4"}
+EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+__all__ = ["DataError", "HubUnreachable", "available", "download"]
+
+
+class HubUnreachable(UserError):
+    """The hub cannot be reached and the cache cannot stand in for it.
+
+    Its own type so that a caller can fall back (e.g. to the project's sample
+    dialogues) where a damaged archive must still stop it.
+    """
+
+
+# --- reading and verifying -------------------------------------------------
+
+def _member(zf: zipfile.ZipFile, basename: str, zip_path: Path) -> str:
+    # Match by basename under any folder, so a different top-level folder in
+    # the archive does not break us; macOS resource forks are not data.
+    names = [n for n in zf.namelist()
+             if n.rsplit("/", 1)[-1] == basename and not n.startswith("__MACOSX/")]
+    if not names:
+        raise DataError(f"{zip_path}: {basename} is missing from the archive "
+                        f"(unexpected layout); re-download it with --force")
+    if len(names) > 1:
+        raise DataError(f"{zip_path}: {basename} occurs {len(names)} times "
+                        f"({', '.join(names)}); cannot tell which one to use")
+    return names[0]
+
+
+def read_split(zip_path: Path, split: str) -> tuple[list[str], list[str], list[str]]:
+    """Return the (dialogue, act, emotion) lines of one split's zip."""
+    kinds = ("", "_act", "_emotion")
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = [_member(zf, f"dialogues{k}_{split}.txt", zip_path) for k in kinds]
+            texts = [zf.read(m).decode("utf-8") for m in members]
+    except FileNotFoundError:
+        raise DataError(f"{zip_path} does not exist") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise DataError(f"{zip_path} is corrupted ({e}); "
+                        f"re-download it with --force") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{zip_path}: a file is not UTF-8 ({e.reason} at byte "
+                        f"{e.start}); re-download it with --force") from None
+    dialogues, acts, emotions = (split_lines(t) for t in texts)
+    return dialogues, acts, emotions
+
+
+def verify_split(split: str, dialogues: list[str], acts: list[str],
+                 emotions: list[str], expected: int | None = None) -> None:
+    """Raise DataError unless the three files form a well-formed split."""
+    if not len(dialogues) == len(acts) == len(emotions):
+        raise DataError(f"{split}: {len(dialogues)} dialogues but {len(acts)} act "
+                        f"and {len(emotions)} emotion lines; the archive is damaged")
+    if expected is not None and len(dialogues) != expected:
+        raise DataError(f"{split}: {len(dialogues)} dialogues, expected {expected}; "
+                        f"the archive is incomplete or a different version")
+    for i, (dialogue, act, emotion) in enumerate(zip(dialogues, acts, emotions, strict=True), 1):
+        turns = dialogue.count(EOU)
+        if turns == 0 or dialogue.rsplit(EOU, 1)[1].strip():
+            raise DataError(f"{split} dialogue {i}: a turn is not followed by {EOU}")
+        act, emotion = act.split(), emotion.split()
+        if len(act) != turns or len(emotion) != turns:
+            raise DataError(f"{split} dialogue {i}: {turns} turns but {len(act)} act "
+                            f"and {len(emotion)} emotion labels")
+        if not set(act) <= ACT_LABELS or not set(emotion) <= EMOTION_LABELS:
+            raise DataError(f"{split} dialogue {i}: unknown act or emotion label")
+
+
+def normalise(dialogue: str) -> str:
+    """The dedupe key: whitespace runs collapsed, ends stripped."""
+    return " ".join(dialogue.split())
+
+
+def dedupe(train: list[str], test: list[str]) -> tuple[list[str], int]:
+    """Drop training dialogues that also occur in test; return (kept, dropped)."""
+    in_test = {normalise(d) for d in test}
+    kept = [d for d in train if normalise(d) not in in_test]
+    return kept, len(train) - len(kept)
+
+
+_dedupe = dedupe  # download() has a flag of the same name
+
+
+# --- writing ---------------------------------------------------------------
+
+def _fault(path: Path) -> None:
+    """Test hook: DOWNLOAD_FAULT="enospc@NAME" fails the write of file NAME as a full disk would.
+
+    Used where no small filesystem can be mounted to fill up for real; unset, it does nothing.
+    """
+    for item in filter(None, os.environ.get("DOWNLOAD_FAULT", "").split(",")):
+        action, _, name = item.partition("@")
+        if action == "enospc" and name == path.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def write_atomic(path: Path, lines) -> None:
+    """Write lines to path via a temporary file in the same directory and a
+    rename, so path is either absent, the old file, or the complete new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+            _fault(path)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:  # incl. KeyboardInterrupt and a full disk: never leave the .part
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_stale_parts(out: Path) -> None:
+    # A hard kill (SIGKILL, power loss) skips write_atomic's cleanup.
+    for part in out.glob(".*.part"):
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    if e.errno in DISK_FULL:
+        return UserError(f"disk full while writing {path}; nothing half-written was kept: free some space "
+                         f"(or choose another --out) and re-run")
+    return UserError(f"cannot write {path} ({e.strerror or _first_line(e)}); check that --out is writable")
+
+
+def _write_outputs(out: Path, dialogues: dict[str, list[str]], manifest: dict, log) -> None:
+    """The three split files, then the manifest that marks them complete."""
+    path = out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_parts(out)
+        (out / MANIFEST).unlink(missing_ok=True)  # the data is incomplete until rewritten
+        for split in SPLITS:
+            path = out / f"{split}.txt"
+            write_atomic(path, dialogues[split])
+            log(f"  wrote {path} ({len(dialogues[split])} dialogues)")
+        path = out / MANIFEST
+        write_atomic(path, json.dumps(manifest, indent=2).splitlines())
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+
+
+# --- fetching --------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    # The hub client may wrap the OSError of a failed write in its own error.
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    where = f"{REPO_ID}@{revision}"
+    try:
+        with warnings.catch_warnings():  # a full disk is reported below, in one line, if it really happens
+            warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
+            return Path(hf_hub_download(REPO_ID, f"{split}.zip", repo_type="dataset", revision=revision,
+                                        force_download=force and not offline, local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {split}.zip of {where} is not in the local Hugging Face "
+                                 f"cache; unset HF_HUB_OFFLINE and run with internet, or pass --from-dir") from None
+        raise HubUnreachable(f"could not download {split}.zip from {where} ({_first_line(e)}); "
+                             f"check your connection") from None
+    except RevisionNotFoundError:
+        raise UserError(f"revision {revision!r} does not exist in {REPO_ID}; check --revision") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"dataset repo {REPO_ID} not found (moved or made private?); "
+                        f"download the zips by hand and pass --from-dir") from None
+    except EntryNotFoundError:
+        raise UserError(f"{split}.zip not found in {where}; the repo layout changed, try another --revision") from None
+    except Exception as e:  # network stacks raise many types; report, don't trace
+        if _is_disk_full(e):
+            raise UserError(f"disk full while downloading {split}.zip into the Hugging Face cache "
+                            f"{constants.HF_HUB_CACHE}; free some space there (or point HF_HUB_CACHE at "
+                            f"another disk) and re-run") from None
+        raise HubUnreachable(f"could not download {split}.zip from {where} ({_first_line(e)}); "
+                             f"check your connection and retry") from None
+
+
+def fetch_zips(revision: str, force: bool) -> dict[str, Path]:
+    """Download (or take from the HF cache) the three split zips."""
+    offline = hub.offline()
+    if not offline and not hub.hub_reachable():
+        raise HubUnreachable(f"cannot reach {hub.endpoint()} (offline?); connect to the internet, set "
+                             f"HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass --from-dir "
+                             f"with the three zips")
+    return {split: _download_one(split, revision, force, offline) for split in SPLITS}
+
+
+def _commit_of(zip_path: Path) -> str | None:
+    # The HF cache stores files under .../snapshots/<commit sha>/<file>.
+    return zip_path.parent.name if zip_path.parent.parent.name == "snapshots" else None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # the zips are ~2 MB
+
+
+# --- the whole job ---------------------------------------------------------
+
+def _manifest(out: Path) -> dict | None:
+    try:
+        info = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # no manifest: never finished
+    if not isinstance(info, dict) or not all((out / f"{s}.txt").is_file() for s in SPLITS):
+        return None
+    return info
+
+
+def available(out: Path = DEFAULT_OUT) -> bool:
+    """True if out holds a complete extraction (all splits and the manifest written last)."""
+    return _manifest(Path(out)) is not None
+
+
+def _already_done(out: Path, wanted: dict) -> bool:
+    """True if out holds a complete extraction made with the wanted options."""
+    info = _manifest(out)
+    if info is None:
+        return False  # never finished, so (re)do it
+    made = {k: info.get(k) for k in wanted}
+    if made != wanted:
+        raise UserError(f"{out} already holds data made with {made}, not {wanted}; "
+                        f"re-run with --force to rebuild it")
+    return True
+
+
+def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = False, force: bool = False,
+             from_dir: Path | None = None, log=print) -> Path:
+    """Fetch (or take from from_dir), verify and extract the corpus into out; return out.
+
+    Does nothing when out already holds it (unless force). Raises a
+    `cli.UserError` (`HubUnreachable`, `dataset.DataError`, ...) for every
+    problem the user can fix.
+    """
     out = Path(out)
-    return all((out / f"{s}.txt").is_file() for s in ("train", "validation")) and (out / "download_info.json").is_file()
+    source = f"local:{Path(from_dir).resolve()}" if from_dir else f"{REPO_ID}@{revision}"
+    wanted = {"source": source, "dedupe": dedupe}
+    if not force and _already_done(out, wanted):
+        log(f"DailyDialog is already in {out}; nothing to do (--force to redo).")
+        log(LICENSE)
+        return out
+
+    zips = {s: Path(from_dir) / f"{s}.zip" for s in SPLITS} if from_dir else fetch_zips(revision, force)
+    commit = _commit_of(zips["train"])
+    log(f"Source: {source}" + (f" (commit {commit})" if commit else ""))
+
+    # Read and verify all splits before writing any, so a bad archive
+    # leaves the output directory untouched.
+    dialogues = {}
+    for split in SPLITS:
+        lines, acts, emotions = read_split(zips[split], split)
+        verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
+        dialogues[split] = lines
+        log(f"  {split}: {len(lines)} dialogues verified (layout, count, act/emotion labels per turn)")
+
+    dropped = None
+    if dedupe:
+        dialogues["train"], dropped = _dedupe(dialogues["train"], dialogues["test"])
+        log(f"  --dedupe: dropped {dropped} training dialogues that also occur in test "
+            f"(identical after whitespace normalisation)")
+
+    manifest = {**wanted, "commit": commit, "dropped_by_dedupe": dropped,
+                "counts": {s: len(d) for s, d in dialogues.items()},
+                "zip_sha256": {s: _sha256(z) for s, z in zips.items()},
+                "license": "CC BY-NC-SA 4.0"}
+    _write_outputs(out, dialogues, manifest, log)
+    log(LICENSE + " It is downloaded for your use; do not redistribute it with this project.")
+    return out
 
 
-def download(out, log=print):
-    raise NotImplementedError
+# ---------------------------------------------------------------- which data a run trains on
+
+SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"  # the project's own small demo dialogues
+
+
+def absolute(path):
+    """Paths are recorded absolute, so --resume works from any directory."""
+    return str(Path(path).resolve()) if path else path
+
+
+def choose_data(args, may_download: bool, log) -> str:
+    """Fill in train.py's --train-file/--val-file; returns a line saying what the data is.
+
+    No --train-file: the corpus in data/dailydialog, downloaded first when the
+    hub answers (unless --no-download), else the demo sample. A training file
+    with no validation.txt beside it leaves --val-file empty: the run then holds
+    out --val-share of its dialogues (`load_datasets`).
+    """
+    if args.train_file is None:
+        if not available(DEFAULT_OUT) and may_download and not args.no_download:
+            try:
+                download(DEFAULT_OUT, log=log)
+            except HubUnreachable:
+                pass  # offline: the demo sample, with the note below
+        base = DEFAULT_OUT if available(DEFAULT_OUT) else SAMPLE_DATA
+        args.train_file = str(base / "train.txt")
+        if args.val_file is None:
+            args.val_file = str(base / "validation.txt")
+        if base == SAMPLE_DATA:
+            why = "--no-download" if args.no_download else "the Hugging Face hub did not answer"
+            return (f"note: training on the project's small demo sample (data/sample; {why}); for real results run "
+                    "`python data/download.py` or train with a connection to get the full DailyDialog corpus")
+        return "data: the full DailyDialog corpus in data/dailydialog"
+    if args.val_file is None:
+        candidate = Path(args.train_file).with_name("validation.txt")
+        if candidate.exists() and candidate.resolve() != Path(args.train_file).resolve():
+            args.val_file = str(candidate)
+    args.train_file, args.val_file = absolute(args.train_file), absolute(args.val_file)
+    if args.val_file is None:
+        return f"data: {args.train_file}, {args.val_share:.0%} of its dialogues held out for validation (seed {args.seed})"
+    return f"data: {args.train_file} (validation: {args.val_file})"
+
+
+def load_datasets(args, tokenizer):
+    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
+    lengths = (args.max_length, args.max_target_length)
+    if args.val_file:
+        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
+    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
+    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
+            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,20 +48,38 @@ class DataError(UserError):
 # ---------------------------------------------------------------- parsing
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of a DailyDialog file: split on "\\n" (and CRLF) only.
+
+    `str.splitlines` also splits on U+2028, U+0085, form feeds and other
+    separators that can occur inside a turn; that would cut a dialogue in
+    two, mis-count the corpus' label lines and drop text. Trailing blank
+    lines are dropped so that counts match the label files.
+    """
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
+
+
 def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     """Read a DailyDialog file into dialogues (lists of turns).
 
     Returns ``(dialogues, skipped)`` where ``skipped`` holds the 1-based
     numbers of non-blank lines that had fewer than two turns (no pair to
     learn from). Tolerates a BOM, CRLF, runs of spaces, blank lines and a
-    missing final ``__eou__``.
+    missing final ``__eou__``; any whitespace inside a turn (U+2028, tabs,
+    ...) becomes one space.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found; check the path (see --help for the defaults)")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a DailyDialog text file; pass the .txt file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # unreadable (permissions, I/O error): the user can fix it, no traceback
+        raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check that it is a readable file") from None
     if b"\x00" in raw[:4096]:  # text files never hold NUL bytes
         raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
     if not raw.strip():
@@ -74,7 +95,7 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
             f"(one dialogue per line, every turn followed by '{EOU}')"
         )
     dialogues, skipped = [], []
-    for number, line in enumerate(text.splitlines(), start=1):  # splitlines handles CRLF
+    for number, line in enumerate(split_lines(text), start=1):
         turns = [" ".join(t.split()) for t in line.split(EOU)]
         turns = [t for t in turns if t]
         if not turns:
@@ -138,6 +159,12 @@ def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, m
     return out, truncated
 
 
+# Text read with errors="surrogateescape" (a terminal in the C locale) carries
+# lone surrogates, which the tokenizer cannot take; they stand for bytes that
+# were not UTF-8, so they become the replacement character.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list[int]:
     """Token ids of the model input for a conversation so far (newest last).
 
@@ -146,7 +173,7 @@ def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list
     that a 100,000-character prompt does not cost a long tokenization.
     """
     char_cap = max_length * 16  # far more characters than max_length tokens need
-    turns = [" ".join(t.split())[-char_cap:] for t in history]
+    turns = [_LONE_SURROGATE.sub("\ufffd", " ".join(t.split())[-char_cap:]) for t in history]
     turns = [t for t in turns if t]
     if not turns:
         raise ValueError("empty prompt: type some text")
@@ -305,3 +332,28 @@ def padding_efficiency(src_lengths, tgt_lengths, batches) -> float:
     real = sum(src_lengths[i] + tgt_lengths[i] for b in batches for i in b)
     padded = sum(batch_cost(src_lengths, tgt_lengths, b) for b in batches)
     return real / max(padded, 1)
+
+
+def collated_steps(plan, start: int, ds, rank: int, world: int, device):
+    """(step's batches, this rank's collated micro-batches) from plan[start:].
+
+    On CUDA a thread collates the next steps into pinned memory while the GPU
+    runs the current one, so the GPU never waits for the host; on CPU the
+    cores are busy with the model, so collation stays inline.
+    """
+    def make(step_batches):
+        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
+        if device.type == "cuda":
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
+        return step_batches, batches
+
+    if device.type != "cuda":
+        yield from (make(s) for s in plan[start:])
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
+        for s in plan[start + 2 :]:
+            yield ahead.popleft().result()
+            ahead.append(pool.submit(make, s))
+        while ahead:
+            yield ahead.popleft().result()

@@ -3,11 +3,14 @@
     python eval.py --data data/dailydialog/validation.txt                  # best, else latest in checkpoints/
     python eval.py --checkpoint DIR --data FILE --max-examples 500 --out DIR
     python eval.py ... --num-beams 4                                        # decoding flags as in infer.py
+    python eval.py ... --precision bf16                                     # bf16 autocast (auto: on a GPU that has it)
 
 Every turn after the first of every dialogue in --data is a reference; its
 history goes through `dataset.encode_history`, as in training and infer.py.
 Prints a table of the metrics (metrics.py explains each one) and writes into
---out (default: ``<checkpoint>/eval``):
+--out (default: ``eval/<checkpoint name>`` beside the checkpoint, e.g.
+``checkpoints/eval/checkpoint-00001000``; not inside it, because a running
+train.py deletes old checkpoint folders with everything in them):
 
 - ``report.json``: the metrics, the decoding settings, the checkpoint, the
   data file and its sha256, the number of pairs;
@@ -35,7 +38,7 @@ from dataset import DailyDialogDataset, collate, encode_history, read_dialogues
 from generation import (DEFAULT_DIR, add_generation_args, find_checkpoint, generate_ids, generation_options, load,
                         max_input_length)
 from metrics import compute_metrics, format_table, perplexity
-from models import to_device, token_loss_sum
+from models import add_precision_arg, autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
 
@@ -62,7 +65,7 @@ def generate_all(histories: list[list[str]], model, tokenizer, device, max_lengt
     with tqdm(total=len(inputs), desc="generating", unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            for i, text in zip(rows, generate_ids([inputs[i] for i in rows], model, tokenizer, device, **options)):
+            for i, text in zip(rows, generate_ids([inputs[i] for i in rows], model, tokenizer, device, **options), strict=True):
                 responses[i] = text
             bar.update(len(rows))
     return responses
@@ -91,12 +94,18 @@ def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
 
 def build_parser():
     p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.")
-    p.add_argument("--checkpoint", default=None, help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/; "
+                        "a damaged one is skipped for the next good one)")
     p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
-    p.add_argument("--out", default=None, help="folder for report.json and samples.jsonl (default: <checkpoint>/eval)")
+    p.add_argument("--out", default=None,
+                   help="folder for report.json and samples.jsonl (default: eval/<checkpoint name> beside the checkpoint, "
+                        f"e.g. {DEFAULT_DIR}/eval/checkpoint-00001000; not inside it, since a running train.py deletes "
+                        "old checkpoint folders with all they hold)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per generation (and perplexity) batch")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_precision_arg(p)
     add_generation_args(p)
     return p
 
@@ -109,6 +118,22 @@ def sha256(path: Path) -> str:
 def finite_or_none(value):
     """JSON has no inf/nan: a perplexity that overflowed is written as null."""
     return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def default_out(checkpoint: Path) -> Path:
+    """``eval/<checkpoint name>`` in the folder holding the checkpoint.
+
+    Beside the checkpoints rather than inside one: train.py prunes old
+    checkpoint folders while it runs, and an eval that wrote into one would
+    lose minutes of generation; one folder per checkpoint keeps reports of
+    different checkpoints apart.
+    """
+    full = checkpoint.resolve() if checkpoint.name in ("", "..") else checkpoint  # --checkpoint . has no name
+    return full.parent / "eval" / full.name
+
+
+def warn(message: str):
+    print(f"eval.py: {message}", file=sys.stderr)
 
 
 def prepare_out(out: Path):
@@ -126,7 +151,8 @@ def write_outputs(out: Path, report: dict, samples: list[dict]):
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
         ckpt.write_json_atomic(out / "report.json", report)  # last: its presence means the run finished
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); pass another folder") from None
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); the metrics are printed above, "
+                        "the samples are lost: pass another folder with --out") from None
 
 
 def run(argv) -> int:
@@ -137,8 +163,10 @@ def run(argv) -> int:
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     device = pick_device(args.device)
-    path = find_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else path / "eval"
+    precision = resolve_precision(args.precision, device)
+    set_math_mode(device, precision)
+    path = find_checkpoint(args.checkpoint, warn=warn)
+    out = Path(args.out) if args.out else default_out(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; pass a folder path")
     read_dialogues(args.data)  # DataError before minutes of model loading, not after
@@ -146,18 +174,20 @@ def run(argv) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the library's "loading weights" bar would crowd ours
-    model, tokenizer = load(path, device)
+    model, tokenizer = load(path, device, verified=True)
     max_length = max_input_length(path)
     max_target_length = int(ckpt.read_run_config(path).get("max_target_length", 128))
     ds = DailyDialogDataset(tokenizer, args.data, max_length, max_target_length)
     prepare_out(out)
     n = min(args.max_examples or len(ds), len(ds))
     pairs, examples = ds.pairs[:n], ds.examples[:n]
-    print(f"evaluating {path} on {n:,} of {len(ds):,} pairs of {args.data} (device {device})")
+    print(f"evaluating {path} on {n:,} of {len(ds):,} pairs of {args.data} (device {device}, {precision})", flush=True)
 
-    nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, device, args.batch_size)
-    torch.manual_seed(args.seed)
-    responses = generate_all([history for history, _ in pairs], model, tokenizer, device, max_length, args.batch_size, **options)
+    with autocast(device, precision):
+        nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, device, args.batch_size)
+        torch.manual_seed(args.seed)
+        responses = generate_all([history for history, _ in pairs], model, tokenizer, device, max_length, args.batch_size,
+                                 **options)
     references = [reference for _, reference in pairs]
     metrics = {"perplexity": perplexity(nll, tokens), **compute_metrics(responses, references)}
 
@@ -170,14 +200,18 @@ def run(argv) -> int:
         "target_tokens": tokens,
         "max_length": max_length,
         "max_target_length": max_target_length,
+        "precision": precision,
         "decoding": {**options, "seed": args.seed, "batch_size": args.batch_size},
         "metrics": {k: finite_or_none(v) for k, v in metrics.items()},
     }
     samples = [{"context": history, "reference": reference, "response": response}
-               for (history, reference), response in zip(pairs, responses)]
-    write_outputs(out, report, samples)
-    print(format_table(metrics))
-    print(f"wrote {out / 'report.json'} and {out / 'samples.jsonl'}")
+               for (history, reference), response in zip(pairs, responses, strict=True)]
+    try:
+        write_outputs(out, report, samples)
+    finally:  # saved or not, minutes of generation end in the table
+        # Flushed inside run_script's handlers: a reader that left must not fail Python's exit-time flush.
+        print(format_table(metrics), flush=True)
+    print(f"wrote {out / 'report.json'} and {out / 'samples.jsonl'}", flush=True)
     return 0
 
 

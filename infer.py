@@ -4,6 +4,7 @@
     python infer.py                         # chat (keeps the conversation; /reset, /quit)
     echo "Hi there" | python infer.py       # one response per input line
     python infer.py --checkpoint DIR ...    # a given checkpoint (default: best, else latest)
+    python infer.py --precision bf16 ...    # bf16 autocast (auto: bf16 on a GPU that has it)
 
 The model input is built by `dataset.encode_history`, the same function
 training used, so the model sees the conversation in the format it learned.
@@ -11,6 +12,7 @@ training used, so the model sees the conversation in the format it learned.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -18,6 +20,9 @@ import torch
 from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import encode_history
 from generation import DEFAULT_DIR, add_generation_args, find_checkpoint, generate_ids, generation_options, load, max_input_length
+from models import add_precision_arg, autocast, resolve_precision, set_math_mode
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
@@ -31,13 +36,31 @@ def generate_response(text, model, tokenizer, device, history=None, max_length=5
 # ---------------------------------------------------------------- CLI
 
 
+def warn(message: str):
+    print(f"infer.py: {message}", file=sys.stderr)
+
+
+def as_text(text: str) -> str:
+    """Text the tokenizer takes: bytes that were not UTF-8 become U+FFFD.
+
+    Python hands undecodable bytes of the command line and the terminal over
+    as lone surrogates, which the tokenizer refuses with a TypeError.
+    """
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
 def chat(model, tokenizer, device, max_length, options):
-    """Interactive chat; the history is trimmed to fit by encode_history."""
-    print("Chat with the model. /reset forgets the conversation, /quit (or Ctrl-D) leaves.", file=sys.stderr)
+    """Interactive chat; the history is trimmed to fit by encode_history.
+
+    Ctrl-C while the model writes cancels that reply and keeps the
+    conversation; Ctrl-C (or Ctrl-D) at the prompt leaves.
+    """
+    print("Chat with the model. /reset forgets the conversation, /quit (or Ctrl-D) leaves; "
+          "Ctrl-C stops a reply.", file=sys.stderr)
     history: list[str] = []
     while True:
         try:
-            text = input("you> ").strip()
+            text = as_text(input("you> ")).strip()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
@@ -49,17 +72,26 @@ def chat(model, tokenizer, device, max_length, options):
             continue
         if not text:
             continue
-        reply = generate_response(text, model, tokenizer, device, history=history, max_length=max_length, **options)
-        print(f"bot> {reply}")
+        try:
+            reply = generate_response(text, model, tokenizer, device, history=history, max_length=max_length, **options)
+        except KeyboardInterrupt:
+            print("\n(reply cancelled; the conversation is kept. Ctrl-C at the prompt leaves)", file=sys.stderr)
+            continue
+        print(f"bot> {reply}", flush=True)  # shown at once even when stdout is a pipe (| tee)
         history += [text, reply]
 
 
 def answer_lines(lines, model, tokenizer, device, max_length, options):
-    """Piped input: one prompt per line, one response per line."""
-    for number, line in enumerate(lines, start=1):
+    """Piped input (lines of bytes): one prompt per line, one response per line."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            warn(f"line {number} is not valid UTF-8; its undecodable bytes were replaced by U+FFFD")
+            line = raw.decode("utf-8", "replace")
         if not line.strip():
-            print(f"infer.py: line {number} is empty; answered with an empty line", file=sys.stderr)
-            print()
+            warn(f"line {number} is empty; answered with an empty line")
+            print(flush=True)
             continue
         print(generate_response(line, model, tokenizer, device, max_length=max_length, **options), flush=True)
 
@@ -67,8 +99,11 @@ def answer_lines(lines, model, tokenizer, device, max_length, options):
 def build_parser():
     p = OneLineParser(prog="infer.py", description="Talk to a fine-tuned T5 dialogue checkpoint.")
     p.add_argument("prompt", nargs="?", default=None, help="one message to answer; omit for chat (or piped lines)")
-    p.add_argument("--checkpoint", default=None, help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/; "
+                        "a damaged one is skipped for the next good one)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_precision_arg(p)
     add_generation_args(p)
     return p
 
@@ -76,20 +111,25 @@ def build_parser():
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     options = generation_options(args)
-    if args.prompt is not None and not args.prompt.strip():
+    prompt = None if args.prompt is None else as_text(args.prompt)
+    if prompt is not None and not prompt.strip():
         raise UserError("empty prompt: give some text, e.g. python infer.py \"How are you?\"")
     device = pick_device(args.device)
-    path = find_checkpoint(args.checkpoint)
-    model, tokenizer = load(path, device)
+    precision = resolve_precision(args.precision, device)
+    set_math_mode(device, precision)
+    path = find_checkpoint(args.checkpoint, warn=warn)
+    model, tokenizer = load(path, device, verified=True)
     max_length = max_input_length(path)
     torch.manual_seed(args.seed)
-    if args.prompt is not None:
-        print(generate_response(args.prompt, model, tokenizer, device, max_length=max_length, **options))
-    elif sys.stdin.isatty():
-        print(f"loaded {path}", file=sys.stderr)
-        chat(model, tokenizer, device, max_length, options)
-    else:
-        answer_lines(sys.stdin, model, tokenizer, device, max_length, options)
+    with autocast(device, precision):
+        if prompt is not None:
+            # Flushed here, inside run_script's handlers: a reader that left must not fail Python's exit-time flush.
+            print(generate_response(prompt, model, tokenizer, device, max_length=max_length, **options), flush=True)
+        elif sys.stdin.isatty():
+            print(f"loaded {path} ({device}, {precision})", file=sys.stderr)
+            chat(model, tokenizer, device, max_length, options)
+        else:
+            answer_lines(sys.stdin.buffer, model, tokenizer, device, max_length, options)
     return 0
 
 

@@ -195,7 +195,7 @@ def sentence_bleu_1_2(response: str, reference: str) -> tuple[float, float]:
 def bleu_1_2(responses: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
     """Sentence BLEU-1 and BLEU-2 averaged over pairs (0-1 scale)."""
     _check_pairs(responses, references)
-    scores = [sentence_bleu_1_2(h, r) for h, r in zip(responses, references)]
+    scores = [sentence_bleu_1_2(h, r) for h, r in zip(responses, references, strict=True)]
     n = len(scores)
     return sum(s[0] for s in scores) / n, sum(s[1] for s in scores) / n
 
@@ -220,7 +220,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     counts: Counter = Counter()
     for text in texts:
         tokens = tokenize(text)
-        counts.update(zip(*(tokens[i:] for i in range(n))))
+        counts.update(zip(*(tokens[i:] for i in range(n)), strict=False))  # n-grams: the shifted lists end early
     total = sum(counts.values())
     return len(counts) / total if total else 0.0
 
@@ -283,7 +283,7 @@ def unigram_f1(response: str, reference: str) -> float:
 def mean_f1(responses: Sequence[str], references: Sequence[str]) -> float:
     """Unigram F1 averaged over pairs (0-1 scale)."""
     _check_pairs(responses, references)
-    return sum(unigram_f1(h, r) for h, r in zip(responses, references)) / len(responses)
+    return sum(unigram_f1(h, r) for h, r in zip(responses, references, strict=True)) / len(responses)
 
 
 # --------------------------------------------------------------------------

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import fast_dropout
 import hub
 from cli import UserError
 from dataset import SEPARATOR, read_dialogues
@@ -116,7 +118,21 @@ def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size:
     return (*build_scratch(train_file, scratch_vocab_size, seed), "scratch")
 
 
-# ---------------------------------------------------------------- loss
+# ---------------------------------------------------------------- training
+
+
+def prepare_for_training(model, device, precision: str, attention: str, use_fast_dropout: bool):
+    """On the device, with the attention kernel and CUDA math settings the run asked for."""
+    model = model.to(device)  # weights stay fp32 whatever the precision: autocast casts per operation
+    set_math_mode(device, precision)
+    attention = attention if attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
+    model.set_attn_implementation(attention)
+    if use_fast_dropout:
+        fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
+    return model
+
+
+
 
 
 def to_device(batch: dict, device) -> dict:
@@ -130,46 +146,74 @@ def token_loss_sum(model, batch):
     the labels shifted right, as the model itself would build them.
     """
     decoder_input_ids = getattr(model, "module", model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=decoder_input_ids).logits
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].view(-1), ignore_index=-100, reduction="sum")
 
 
 # ---------------------------------------------------------------- precision
 
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
 
 def add_precision_arg(parser):
-    parser.add_argument("--precision", default="auto", help="auto (bf16 autocast on a CUDA GPU that has it, else fp32), "
-                        "fp32 or bf16; weights and checkpoints stay fp32. fp16 is refused: T5 overflows in it")
+    """--precision, shared by train.py, infer.py and eval.py."""
+    parser.add_argument("--precision", default="auto", metavar="{auto,fp32,tf32,bf16}",
+                        help="auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, tf32 (fp32 with TF32 matmuls, "
+                             "CUDA) or bf16 (autocast; weights stay fp32). fp16 is refused: T5's activations overflow it")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 that runs at speed: any CPU (autocast), an Ampere-or-newer NVIDIA GPU, any ROCm GPU."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    if not torch.cuda.is_available():
+        return False
+    # torch.cuda.is_bf16_supported() asks about the current device and counts slow emulation as support.
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_precision(flag: str, device) -> str:
-    """'bf16' or 'fp32' for this device; fp16 and unknown values are refused in one line."""
-    if flag == "fp16":
-        raise UserError("--precision fp16: T5's feed-forward activations overflow fp16 (NaN losses); "
-                        "use --precision bf16 (on GPUs that have it) or fp32")
-    if flag not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision {flag}: use auto, fp32 or bf16")
+    """--precision as "fp32" or "bf16" for ``device``; UserError for fp16 or an unknown value."""
+    device = torch.device(device)
+    if flag in ("fp16", "float16", "half"):
+        # T5 was trained in bfloat16; in fp16 its feed-forward activations exceed 65504 (fp16's largest value)
+        # and become inf, then NaN.
+        raise UserError(f"--precision {flag}: T5's feed-forward activations overflow fp16 (NaN losses); "
+                        "use --precision bf16 or fp32")
+    if flag not in PRECISIONS:
+        raise UserError(f"--precision {flag}: not a precision; use auto, fp32, tf32 or bf16")
     if flag == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if flag == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16: this GPU has no bf16; use --precision fp32 (or auto)")
+        return "bf16" if device.type == "cuda" and bf16_supported(device) else "fp32"
+    if flag == "tf32" and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8):
+        raise UserError(f"--precision tf32: TF32 is a matmul mode of Ampere-or-newer NVIDIA GPUs, not of {device}; "
+                        "use --precision fp32")
+    if flag == "bf16" and not bf16_supported(device):
+        raise UserError(f"--precision bf16: {device} has no native bfloat16 (a GPU older than Ampere); use --precision fp32")
     return flag
 
 
 def autocast(device, precision: str):
-    """bf16 autocast for the forward pass; fp32 weights, optimizer state and checkpoints either way."""
-    import contextlib
-
+    """The context the model runs in: bf16 autocast (weights stay fp32), or nothing for fp32."""
+    if precision in ("fp32", "tf32"):
+        return contextlib.nullcontext()
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32', 'tf32' or 'bf16' (from resolve_precision), got {precision!r}")
+
+
+def set_math_mode(device, precision: str):
+    """TF32 matmuls on CUDA for tf32 and bf16 (what autocast leaves in fp32 runs faster); fp32 means strict fp32."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
 
 
 def precision_note(precision: str, device) -> str:
-    if device.type != "cuda":
+    """For the banner: what the device computes in."""
+    if torch.device(device).type != "cuda":
         return precision
-    if precision == "bf16":
-        return "bf16 autocast, TF32 matmuls"
-    if torch.cuda.is_bf16_supported():
-        return "fp32, TF32 off"
-    return "fp32: this GPU has no bf16; TF32 off"
+    notes = {"bf16": "bf16 autocast, TF32 matmuls", "tf32": "fp32 weights and activations, TF32 matmuls",
+             "fp32": "fp32, TF32 off"}
+    if precision == "fp32" and not bf16_supported(torch.device(device)):
+        return "fp32 (this GPU has no bf16); TF32 off"
+    return notes[precision]

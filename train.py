@@ -19,8 +19,6 @@ import math
 import random
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,16 +26,12 @@ import torch
 import checkpoint as ckpt
 import corpus
 import distributed
-import fast_dropout
-import hub
 import models
 import runlog
 from cli import OneLineParser, UserError, fresh_line, run_script
-from dataset import DailyDialogDataset, collate, holdout, read_dialogues, token_budget_batches
+from dataset import collate, collated_steps, read_dialogues, token_budget_batches
 
 ROOT = Path(__file__).resolve().parent
-FULL_DATA = ROOT / "data" / "dailydialog"  # written by corpus.download (python data/download.py)
-SAMPLE_DATA = ROOT / "data" / "sample"  # the project's own small demo dialogues
 
 
 # ---------------------------------------------------------------- flags
@@ -46,10 +40,12 @@ SAMPLE_DATA = ROOT / "data" / "sample"  # the project's own small demo dialogues
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; 'scratch' trains a small T5 from scratch")
+    a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; "
+                                                    "'scratch' trains a small T5 from scratch")
     a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, downloaded when "
                                          "the hub answers, else the demo sample)")
-    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, else --val-share of it)")
+    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, "
+                                       "else --val-share of it)")
     a("--val-share", type=float, default=0.05, help="with no validation file, hold out this share of whole dialogues (seeded)")
     a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
     a("--output-dir", default="checkpoints", help="where checkpoints, metrics.jsonl and the loss plot go")
@@ -90,13 +86,6 @@ def typed_flags(argv) -> set[str]:
     return set(vars(p.parse_args(argv)))
 
 
-# Fixed for the life of a run: typing another value with --resume is refused.
-FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
-                   "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
-                   "scratch_vocab_size": "the tokenizer is already trained"}
-NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
-
-
 def check_args(args):
     """Refuse contradictory or impossible settings before any work starts."""
     positive = {"--lr": args.lr, "--epochs": args.epochs, "--max-tokens": args.max_tokens, "--grad-accum": args.grad_accum,
@@ -122,67 +111,7 @@ def check_args(args):
         raise UserError("--output-dir is empty; name a folder, e.g. --output-dir checkpoints")
 
 
-def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
-    """Flags not typed now come from the run being resumed; typed ones must be changeable.
-
-    Returns the flags whose typed value differs from the recorded one (typing
-    the run's own value again changes nothing).
-    """
-    changed = {k for k in typed if k not in recorded or absolute(getattr(args, k), k) != recorded[k]}
-    for key, value in recorded.items():
-        if key in NOT_RECORDED or not hasattr(args, key):
-            continue
-        if key not in typed:
-            setattr(args, key, value)
-        elif key in FIXED_ON_RESUME and value is not None and absolute(getattr(args, key), key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
-                            f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
-    if "epochs" in changed and "max_steps" not in typed:
-        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
-    return changed
-
-
-def absolute(value, key):
-    """Paths are recorded absolute, so --resume works from any directory."""
-    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
-
-
 # ---------------------------------------------------------------- data
-
-
-def choose_data(args, may_download: bool, log) -> str:
-    """Fill in --train-file (the corpus, downloaded if needed, else the sample); returns what it is."""
-    if args.train_file is None:
-        if not corpus.available(FULL_DATA) and may_download and not args.no_download and hub.hub_reachable():
-            corpus.download(FULL_DATA, log=log)
-        base = FULL_DATA if corpus.available(FULL_DATA) else SAMPLE_DATA
-        args.train_file = str(base / "train.txt")
-        if args.val_file is None:
-            args.val_file = str(base / "validation.txt")
-        if base == SAMPLE_DATA:
-            why = "--no-download" if args.no_download else "the Hugging Face hub did not answer"
-            return (f"note: training on the project's small demo sample (data/sample; {why}); for real results run "
-                    "`python data/download.py` or train with a connection to get the full DailyDialog corpus")
-        return "data: the full DailyDialog corpus in data/dailydialog"
-    if args.val_file is None:
-        candidate = Path(args.train_file).with_name("validation.txt")
-        if candidate.exists() and candidate.resolve() != Path(args.train_file).resolve():
-            args.val_file = str(candidate)
-    args.train_file, args.val_file = absolute(args.train_file, "train_file"), absolute(args.val_file, "val_file")
-    if args.val_file is None:
-        return f"data: {args.train_file}, {args.val_share:.0%} of its dialogues held out for validation (seed {args.seed})"
-    return f"data: {args.train_file} (validation: {args.val_file})"
-
-
-def load_datasets(args, tokenizer):
-    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
-    lengths = (args.max_length, args.max_target_length)
-    if args.val_file:
-        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
-    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
-            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))
 
 
 def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
@@ -202,31 +131,6 @@ def plan_key(args, train_ds) -> dict:
     """What the batch plan depends on; a run stopped mid-epoch resumes only against the same."""
     return {"train_sha256": train_ds.sha256, "pairs": len(train_ds), "max_tokens": args.max_tokens,
             "max_length": args.max_length, "max_target_length": args.max_target_length, "seed": args.seed}
-
-
-def prefetched(plan, start: int, ds, rank: int, world: int, device):
-    """(step's batches, this rank's collated micro-batches) from plan[start:].
-
-    On CUDA a thread collates the next steps into pinned memory while the GPU
-    runs the current one, so the GPU never waits for the host; on CPU the
-    cores are busy with the model, so collation stays inline.
-    """
-    def make(step_batches):
-        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
-        if device.type == "cuda":
-            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-        return step_batches, batches
-
-    if device.type != "cuda":
-        yield from (make(s) for s in plan[start:])
-        return
-    with ThreadPoolExecutor(1) as pool:
-        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
-        for s in plan[start + 2 :]:
-            yield ahead.popleft().result()
-            ahead.append(pool.submit(make, s))
-        while ahead:
-            yield ahead.popleft().result()
 
 
 # ---------------------------------------------------------------- main
@@ -256,7 +160,7 @@ def run(argv) -> int:
     damaged: list[str] = []  # reported once we know which rank logs
     resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
     if resume_from:
-        typed = merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
+        typed = ckpt.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
     check_args(args)
     rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -267,10 +171,10 @@ def run(argv) -> int:
     if args.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
     if rank == 0:
-        data_note = choose_data(args, may_download=True, log=log)
+        data_note = corpus.choose_data(args, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
-        data_note = choose_data(args, may_download=False, log=log)
+        data_note = corpus.choose_data(args, may_download=False, log=log)
     for path in filter(None, (args.train_file, args.val_file)):
         read_dialogues(path)  # a bad data file fails now, not after the model has loaded
 
@@ -286,11 +190,11 @@ def run(argv) -> int:
                                                            args.scratch_vocab_size, args.seed, log)
         saved = None
     log(data_note)
-    train_ds, val_ds = load_datasets(args, tokenizer)
+    train_ds, val_ds = corpus.load_datasets(args, tokenizer)
 
     torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
     random.seed(args.seed)
-    model = prepare_model(model, args, device, precision)
+    model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
     r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds)
     r.forward = torch.compile(model) if args.compile else model
     if world > 1:
@@ -303,8 +207,8 @@ def run(argv) -> int:
     if saved is not None and state["step"] >= r.total_steps:
         raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
                         "raise --epochs or --max-steps to train longer")
-    if rank == 0:  # rows past the checkpoint (or all, when starting over) are stale; counted as the rows were written,
-        runlog.truncate_metrics(out, saved["step"] if saved is not None else 0, ckpt.TMP_PREFIX)  # before any recount
+    if rank == 0:  # rows past the checkpoint (or all, when starting over) are stale
+        runlog.truncate_metrics(out, saved["step"] if saved else 0, ckpt.TMP_PREFIX)
     r.saved_step = state["step"] if saved is not None else None
     if lock is not None:
         ckpt.sign_lock(lock)
@@ -327,18 +231,6 @@ class Run:
         self.saved_step = None
         self.val_at = {}  # step -> validation loss measured at that step
         self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss or gradient
-
-
-def prepare_model(model, args, device, precision):
-    model = model.to(device)  # weights stay fp32 whatever the precision: autocast casts per operation
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"  # --precision fp32 means strict fp32
-        torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    attention = args.attention if args.attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
-    model.set_attn_implementation(attention)
-    if args.fast_dropout:
-        fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
-    return model
 
 
 def make_optimizer(model, args, device):
@@ -427,7 +319,7 @@ def fit(state: dict, r: Run) -> int:
         try:
             while state["step"] < r.total_steps:
                 plan = epoch_plan(r.train_ds, args, state["epoch"], r.world)
-                for step_batches, batches in prefetched(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
+                for step_batches, batches in collated_steps(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
                     loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, r, step_batches, batches)
                     state["step"] += 1
                     state["position"] += 1
@@ -523,11 +415,11 @@ def validate(state: dict, r: Run, bar):
 
 def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
     """The only place the loop waits for the device (.item()): once per --log-every steps."""
-    elapsed = time.perf_counter() - window["start"]
     total = window["loss"].clone()
     if r.world > 1:
         torch.distributed.all_reduce(total)  # add up the ranks' shares
-    loss = total.item() / window["steps"]
+    loss = total.item() / window["steps"]  # waits for the queued steps, so the time below counts all of them
+    elapsed = time.perf_counter() - window["start"]
     lr = lr_at(state["step"] - 1, r.args, r.total_steps)  # the rate this step used
     row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
            "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9), "real_tokens": window["real_tokens"],
@@ -579,7 +471,7 @@ def save(state: dict, r: Run):
 
 
 def run_config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    return {k: v for k, v in vars(args).items() if k not in ckpt.NOT_RECORDED}
 
 
 # ---------------------------------------------------------------- reporting
@@ -617,8 +509,8 @@ def finish(state: dict, r: Run):
         import subprocess
 
         checkpoint = r.out / (index.get("best") or index["latest"])
-        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file, "--max-examples", str(r.args.eval_generate), "--out",
-                   str(r.out / "eval" / checkpoint.name), "--device", str(r.device)]
+        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file,
+                   "--max-examples", str(r.args.eval_generate), "--device", str(r.device), "--precision", r.precision]
         code = subprocess.call(command)
         if code:
             r.log(f"generation eval failed with exit code {code}")

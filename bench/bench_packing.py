@@ -1,7 +1,7 @@
 """Does packing several examples per row (block-diagonal masks) beat our bucketed batches?
 
-    python bench/bench_packing.py                  # ../shared train.txt, small T5, 60 batches each way
-    python bench/bench_packing.py --row-src 512    # longer rows: fewer pad tokens, more attention work
+    python bench/bench_packing.py --data-dir DIR                 # DIR/train.txt, small T5, 60 batches each way
+    python bench/bench_packing.py --data-dir DIR --row-src 512   # longer rows: fewer pad tokens, more attention work
 
 T5's relative position bias depends only on distances, so an example packed
 into a row with others, masked from them (encoder, decoder and cross
@@ -11,27 +11,24 @@ Then it times training steps (forward, backward, AdamW) over the same
 examples both ways and prints real tokens/s and padding efficiency.
 Rows hold inputs up to --row-src tokens and targets up to --row-tgt tokens
 (first fit, longest first); an example longer than a row gets a row of its own.
+DIR holds train.txt in DailyDialog format (data/sample, or data/dailydialog
+after `python data/download.py`).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
-from pathlib import Path
 
+import benchlib
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import fast_dropout  # noqa: E402
-import train  # noqa: E402
-from dataset import DailyDialogDataset, batch_cost, collate, token_budget_batches  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "dailydialog"
+import fast_dropout
+import models
+from cli import OneLineParser, UserError, run_script
+from dataset import DailyDialogDataset, batch_cost, collate, token_budget_batches
 
 
 def pack_rows(src, tgt, ids, row_src, row_tgt):
@@ -113,19 +110,20 @@ def timed(model, batches, loss_fn, cost):
     return real / (time.perf_counter() - start), real / processed
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train-file", default=str(SHARED / "train.txt"))
+def run(argv) -> int:
+    ap = OneLineParser(prog="bench_packing.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", default=None, help="folder holding train.txt (and validation.txt), e.g. data/sample")
     ap.add_argument("--batches", type=int, default=60, help="bucketed batches timed (the packed run covers the same examples)")
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--row-src", type=int, default=256)
     ap.add_argument("--row-tgt", type=int, default=64)
     args = ap.parse_args(argv)
-    if not Path(args.train_file).is_file():
-        raise SystemExit(f"no {args.train_file}: pass --train-file (e.g. data/sample/train.txt)")
+    train_file, _ = benchlib.data_files(args.data_dir)
+    if min(args.batches, args.max_tokens, args.row_src, args.row_tgt) < 1:
+        raise UserError("--batches, --max-tokens, --row-src and --row-tgt must be positive")
     torch.manual_seed(0)
-    model, tok = train.build_scratch(Path(args.train_file), 8000, seed=42)
-    ds = DailyDialogDataset(tok, args.train_file, 512, 128)
+    model, tok = models.build_scratch(train_file, 8000, seed=42)
+    ds = DailyDialogDataset(tok, train_file, 512, 128)
     src, tgt = ds.src_lengths, ds.tgt_lengths
     bucketed = token_budget_batches(src, tgt, args.max_tokens, seed=42, epoch=0)
     random.Random(0).shuffle(bucketed)
@@ -153,7 +151,7 @@ def main(argv=None):
     with torch.no_grad():
         check = packed[0]
         a = packed_loss_sum(model, packed_batch(ds, check, start_id))
-        b = train.token_loss_sum(model, collate([ds[i] for r in check for i in r], ds.pad_id))
+        b = models.token_loss_sum(model, collate([ds[i] for r in check for i in r], ds.pad_id))
     print(f"packed vs unpacked loss on {sum(map(len, check))} examples: {a.item():.4f} vs {b.item():.4f}")
     assert torch.allclose(a, b, rtol=1e-4), (a, b)
 
@@ -163,13 +161,18 @@ def main(argv=None):
     def cost_packed(rs):
         return sum(src[i] + tgt[i] for r in rs for i in r), packed_cost(rs)
 
-    bt, be = timed(model, bucketed, lambda b: train.token_loss_sum(model, collate([ds[i] for i in b], ds.pad_id)), cost_bucketed)
+    bt, be = timed(model, bucketed, lambda b: models.token_loss_sum(model, collate([ds[i] for i in b], ds.pad_id)), cost_bucketed)
     pt, pe = timed(model, packed, lambda rs: packed_loss_sum(model, packed_batch(ds, rs, start_id)), cost_packed)
     print(f"{len(ids)} examples, {torch.get_num_threads()} threads")
     print(f"bucketed: {len(bucketed)} batches, padding efficiency {be:.1%}, {bt:,.0f} real tokens/s")
-    print(f"packed (rows {args.row_src}+{args.row_tgt}): {len(packed)} batches, padding efficiency {pe:.1%}, {pt:,.0f} real tokens/s")
+    print(f"packed (rows {args.row_src}+{args.row_tgt}): {len(packed)} batches, padding efficiency {pe:.1%}, "
+          f"{pt:,.0f} real tokens/s")
     print(f"packed / bucketed: {pt / bt:.2f}x")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_script("bench_packing.py", run, argv)
 
 
 if __name__ == "__main__":

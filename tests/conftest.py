@@ -44,12 +44,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return d
 
 
-def run_cli(*args, env=None, input=None, timeout=300) -> subprocess.CompletedProcess:
+def run_cli(*args, env=None, input=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
     """Run a project script as a user would: `python script.py args` in the project root."""
     # One thread: tiny models gain nothing from more, and on a busy 2-core
     # machine spinning OpenMP threads slow every step down a hundredfold.
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=full_env, input=input,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, input=input,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -61,3 +61,59 @@ def assert_user_error(result, *words):
     assert len(lines) == 1, result.stderr
     for w in words:
         assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+# ---------------------------------------------------------------- stand-in hub
+# tests/hub_server.py: a local Hugging Face hub and proxy, so the download and
+# model-loading paths run for real without the internet.
+
+import functools  # noqa: E402
+
+STAND_IN_HOST = "http://hub.invalid"  # a name no resolver knows: only fake_proxy can reach it
+
+
+@functools.cache
+def hub_corpus() -> dict[str, list[str]]:
+    """What fake_hub's dataset holds: as many tiny dialogues per split as the real corpus has;
+    train's last one also occurs in test (what --dedupe drops)."""
+    import corpus
+
+    made = {split: [f"{split} line {i} . __eou__ Fine , thanks . __eou__ " for i in range(n)]
+            for split, n in corpus.EXPECTED_COUNTS.items()}
+    made["train"][-1] = made["test"][0]
+    return made
+
+
+@pytest.fixture(scope="session")
+def hub_repos(tiny_model, tmp_path_factory):
+    """What the stand-in hub serves: the tiny T5 as google-t5/t5-small (t5-small redirects to it, as on the
+    real hub) and roskoN/dailydialog's train/validation/test zips holding hub_corpus()."""
+    from hub_server import Repo, make_zip
+
+    import corpus
+
+    d = tmp_path_factory.mktemp("hub-zips")
+    zips = {f"{s}.zip": make_zip(d / f"{s}.zip", s, hub_corpus()[s]).read_bytes() for s in corpus.SPLITS}
+    repos = {("models", "google-t5/t5-small"): Repo.from_folder(tiny_model),
+             ("datasets", corpus.REPO_ID): Repo({**zips, "README.md": b"# DailyDialog\n"})}
+    return repos, {("models", "t5-small"): "google-t5/t5-small"}
+
+
+@pytest.fixture
+def fake_hub(hub_repos):
+    """A running stand-in hub: .url, .requests [(method, path)], .env(cache_dir) for a subprocess."""
+    from hub_server import FakeHub
+
+    repos, aliases = hub_repos
+    with FakeHub(repos, aliases) as hub:
+        yield hub
+
+
+@pytest.fixture
+def fake_proxy(fake_hub):
+    """A forward proxy that alone can reach fake_hub under the name hub.invalid (STAND_IN_HOST):
+    .url, .requests [(method, target)], .connections, .env() with HTTP(S)_PROXY set."""
+    from hub_server import FakeProxy
+
+    with FakeProxy({"hub.invalid": ("127.0.0.1", fake_hub.port)}) as proxy:
+        yield proxy

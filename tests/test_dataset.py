@@ -1,23 +1,13 @@
 """Parsing, pairing, truncation, batching: dataset.py on small hand-made files."""
 
 import collections
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from dataset import (
-    EOU,
-    DailyDialogDataset,
-    DataError,
-    assemble_input,
-    batch_cost,
-    collate,
-    dialogue_pairs,
-    encode_history,
-    padding_efficiency,
-    read_dialogues,
-    token_budget_batches,
-)
+from dataset import (EOU, DailyDialogDataset, DataError, assemble_input, batch_cost, collate, dialogue_pairs,
+                     encode_history, padding_efficiency, read_dialogues, split_lines, token_budget_batches)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +42,25 @@ def test_single_turn_lines_are_skipped_and_counted(tmp_path):
     assert skipped == [2]
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1e"])
+def test_line_separators_inside_a_turn_stay_in_that_turn(tmp_path, separator):
+    # str.splitlines() breaks lines at these; a DailyDialog line ends at "\n" only.
+    raw = f"Hi{separator}there . __eou__ Hello . __eou__\nalone . __eou__\nA . __eou__ B . __eou__\n"
+    dialogues, skipped = read_dialogues(write(tmp_path, raw.encode("utf-8"), mode="wb"))
+    assert dialogues == [["Hi there .", "Hello ."], ["A .", "B ."]]
+    assert skipped == [2]  # line numbers count "\n" lines only
+
+
+def test_split_lines_splits_on_newline_and_crlf_only():
+    assert split_lines("a\u2028b\r\nc\x85d\n\n e \n \n\n") == ["a\u2028b", "c\x85d", "", " e "]
+
+
 @pytest.mark.parametrize("content, words", [
     (b"", ["empty"]),
     (b"   \n\n", ["empty"]),
     (b"just some text\nwith no markers\n", ["no '__eou__'", "not DailyDialog"]),
     (b"\x00\x01\x02\x89PNG\x00" * 50, ["binary"]),
-    ("Hi . __eou__ Yo . __eou__\n".encode() * 3 + b"bad \xff\xfe bytes __eou__ x __eou__\n", ["line 4", "UTF-8"]),
+    (b"Hi . __eou__ Yo . __eou__\n" * 3 + b"bad \xff\xfe bytes __eou__ x __eou__\n", ["line 4", "UTF-8"]),
 ])
 def test_unusable_files_are_errors_that_name_the_file(tmp_path, content, words):
     path = write(tmp_path, content, mode="wb")
@@ -66,6 +69,14 @@ def test_unusable_files_are_errors_that_name_the_file(tmp_path, content, words):
     assert str(path) in str(e.value)
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux /proc")
+def test_a_file_that_cannot_be_read_is_an_error():
+    # /proc/self/mem exists but reading it from offset 0 fails (EIO), as a damaged disk or a
+    # permission problem would (root ignores permissions, so they cannot stand in for it here).
+    with pytest.raises(DataError, match="cannot be read"):
+        read_dialogues("/proc/self/mem")
 
 
 def test_missing_file_is_an_error(tmp_path):

@@ -1,7 +1,10 @@
-"""Tests for data/download.py. No test touches the network: the extraction
-and verification run on small zips built here in the corpus' layout, and the
-offline path runs the real CLI with the hub made unreachable."""
+"""Tests for corpus.py and its CLI data/download.py. No test touches the real
+hub: the extraction and verification run on small zips built here in the
+corpus' layout, the offline path runs the real CLI with the hub made
+unreachable, and the download path runs it against a stand-in hub
+(tests/hub_server.py)."""
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -9,12 +12,18 @@ import sys
 import zipfile
 from pathlib import Path
 
+import hub_server
 import pytest
+import torch
+from conftest import SAMPLE, STAND_IN_HOST, TINY_CONFIG, assert_user_error, hub_corpus, run_cli
+
+import corpus as dl
+import hub
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download.py"
 _spec = importlib.util.spec_from_file_location("dd_download", SCRIPT)
-dl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dl)
+script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(script)
 
 # Two or three small dialogues per split; train's second dialogue also occurs
 # in test, with different spacing (what --dedupe must catch).
@@ -30,25 +39,9 @@ DIALOGUES = {
 COUNTS = {split: len(d) for split, d in DIALOGUES.items()}
 
 
-def labels(dialogue, label="1"):
-    return " ".join([label] * dialogue.count("__eou__")) + " "
-
-
-def make_zip(path, split, dialogues=None, acts=None, emotions=None,
-             folder=None, omit=None):
-    """Build {split}.zip like the corpus: {folder}/dialogues{,_act,_emotion}_{split}.txt."""
-    dialogues = DIALOGUES[split] if dialogues is None else dialogues
-    files = {
-        f"dialogues_{split}.txt": dialogues,
-        f"dialogues_act_{split}.txt": acts or [labels(d, "2") for d in dialogues],
-        f"dialogues_emotion_{split}.txt": emotions or [labels(d, "0") for d in dialogues],
-    }
-    folder = split if folder is None else folder
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, lines in files.items():
-            if name != omit:
-                zf.writestr(f"{folder}/{name}" if folder else name, "\n".join(lines) + "\n")
-    return path
+def make_zip(path, split, dialogues=None, **kw):
+    """Build {split}.zip like the corpus, from DIALOGUES unless told otherwise."""
+    return hub_server.make_zip(path, split, DIALOGUES[split] if dialogues is None else dialogues, **kw)
 
 
 @pytest.fixture
@@ -63,7 +56,7 @@ def zips(tmp_path, monkeypatch):
 
 
 def run_main(src, out, *extra):
-    return dl.main(["--from-dir", str(src), "--out", str(out), *extra])
+    return script.main(["--from-dir", str(src), "--out", str(out), *extra])
 
 
 # --- read_split / verify_split ----------------------------------------------
@@ -214,7 +207,7 @@ def test_main_bad_archive_writes_nothing(zips, tmp_path, capsys, monkeypatch):
     (zips / "test.zip").write_bytes(b"PK\x03\x04 broken")
     assert run_main(zips, out) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "test.zip" in err
+    assert err.startswith("download.py: error: ") and err.count("\n") == 1 and "test.zip" in err
     assert not out.exists()
 
     make_zip(zips / "test.zip", "test")
@@ -226,6 +219,7 @@ def test_main_bad_archive_writes_nothing(zips, tmp_path, capsys, monkeypatch):
 
 # --- offline: the real CLI, hub unreachable ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", [
     {"HF_HUB_OFFLINE": "1"},               # only the (empty) local cache may be used
     {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens on the discard port
@@ -239,5 +233,258 @@ def test_offline_cli_fails_fast_with_one_line(tmp_path, env):
                           env=full_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("download.py: error: ")
     assert not (tmp_path / "out").exists()
+
+
+# --- the real CLI against the stand-in hub (tests/hub_server.py) -------------
+
+DATASET_PATH = f"/datasets/{dl.REPO_ID}/resolve/main"
+
+
+def hub_env(fake_hub, tmp_path, **extra):
+    return {**fake_hub.env(tmp_path / "hf"), **extra}
+
+
+def assert_corpus_written(out, commit):
+    for split in dl.SPLITS:
+        assert (out / f"{split}.txt").read_text(encoding="utf-8").splitlines() == hub_corpus()[split]
+    assert json.loads((out / dl.MANIFEST).read_text())["commit"] == commit
+    assert dl.available(out) and not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.slow
+def test_cli_downloads_verifies_and_writes_the_corpus(fake_hub, tmp_path):
+    out, env = tmp_path / "out", hub_env(fake_hub, tmp_path)
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    commit = fake_hub.repos[("datasets", dl.REPO_ID)].commit
+    assert_corpus_written(out, commit)
+    assert f"(commit {commit})" in result.stdout and "CC BY-NC-SA 4.0" in result.stdout
+    assert "train: 11118 dialogues verified" in result.stdout
+    for split in dl.SPLITS:  # metadata from the hub, the bytes from its CDN (a 302 to another origin)
+        assert ("HEAD", f"{DATASET_PATH}/{split}.zip") in fake_hub.requests
+    assert len([p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]) == 1  # only train.zip is that big
+
+    # Done already: no request at all. Offline, --force rebuilds from the Hugging Face cache alone.
+    asked = len(fake_hub.requests)
+    assert "nothing to do" in run_cli(SCRIPT, "--out", out, env=env).stdout
+    (out / "test.txt").write_text("tampered\n")
+    result = run_cli(SCRIPT, "--out", out, "--force", "--dedupe", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(fake_hub.requests) == asked
+    assert "dropped 1 training dialogues" in result.stdout
+    assert (out / "test.txt").read_text().splitlines() == hub_corpus()["test"]
+
+
+@pytest.mark.slow
+def test_cli_downloads_through_a_proxy(fake_hub, fake_proxy, tmp_path):
+    # hub.invalid resolves nowhere: the probe and every request must go through the proxy.
+    out = tmp_path / "out"
+    env = {**fake_hub.env(tmp_path / "hf", endpoint=STAND_IN_HOST), **fake_proxy.env()}
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_corpus_written(out, fake_hub.repos[("datasets", dl.REPO_ID)].commit)
+    for split in dl.SPLITS:
+        assert ("HEAD", f"{STAND_IN_HOST}{DATASET_PATH}/{split}.zip") in fake_proxy.requests
+    assert [t for m, t in fake_proxy.requests if "/cdn/" in t]
+    assert len(fake_hub.requests) == len(fake_proxy.requests)  # nothing reached the hub directly
+
+    # The same with the hub's name exempted from the proxy: nothing can reach it, one line says so.
+    result = run_cli(SCRIPT, "--out", tmp_path / "out2", env={**env, "NO_PROXY": "hub.invalid", "no_proxy": "hub.invalid"})
+    assert_user_error(result, "cannot reach http://hub.invalid", "HF_HUB_OFFLINE=1", "--from-dir")
+
+
+@pytest.mark.slow
+def test_load_pretrained_gets_t5_small_from_the_hub_then_its_cache(fake_hub, tiny_model, tmp_path):
+    code = ("import models; m, t = models.load_pretrained('t5-small'); "
+            "print(sum(p.numel() for p in m.parameters()), t('Hi there .').input_ids)")
+    env = hub_env(fake_hub, tmp_path)
+    result = run_cli("-c", code, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tiny = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    expected = f"{sum(p.numel() for p in tiny.parameters())} {AutoTokenizer.from_pretrained(tiny_model)('Hi there .').input_ids}"
+    assert result.stdout.strip() == expected
+    # t5-small is an alias (redirect) of google-t5/t5-small; the weights come from the CDN.
+    assert "/api/models/t5-small" in fake_hub.paths("GET")
+    assert any(p.startswith("/google-t5/t5-small/resolve/") and p.endswith("/model.safetensors") for p in fake_hub.paths("HEAD"))
+    assert [p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]
+
+    asked = len(fake_hub.requests)
+    offline = run_cli("-c", code, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0 and offline.stdout == result.stdout, offline.stderr[-3000:]
+    assert len(fake_hub.requests) == asked
+
+
+# --- hub.hub_reachable -------------------------------------------------------
+
+PROXY_VARS = [n for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY") for n in (name, name.lower())]
+
+
+@pytest.fixture
+def no_proxies(monkeypatch):
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_hub_reachable_live_and_dead_endpoints(fake_hub, no_proxies):
+    assert hub.hub_reachable(fake_hub.url)
+    assert not hub.hub_reachable("http://127.0.0.1:9")  # nothing listens on the discard port
+    assert not hub.hub_reachable(STAND_IN_HOST, timeout=1)  # a name that does not resolve
+
+
+def test_hub_reachable_asks_the_proxy_unless_no_proxy(fake_hub, fake_proxy, no_proxies):
+    no_proxies.setenv("HTTP_PROXY", fake_proxy.url)
+    before = fake_proxy.connections
+    assert hub.hub_reachable(STAND_IN_HOST)  # only the proxy can reach it, and it answers
+    assert fake_proxy.wait_for_connections(before + 1)
+    no_proxies.setenv("NO_PROXY", "hub.invalid")  # exempt: a direct connection, which fails
+    assert not hub.hub_reachable(STAND_IN_HOST, timeout=1)
+
+    no_proxies.setenv("HTTP_PROXY", "127.0.0.1:9")  # a dead proxy, given without scheme as many set it
+    no_proxies.delenv("NO_PROXY")
+    assert not hub.hub_reachable(fake_hub.url)  # the hub is up, but behind this proxy it cannot be had
+    no_proxies.setenv("no_proxy", "127.0.0.1")
+    assert hub.hub_reachable(fake_hub.url)
+
+
+def test_fake_proxy_tunnels_connect_as_https_clients_use_it(fake_hub, fake_proxy):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", fake_proxy.port, timeout=30)
+    conn.set_tunnel("hub.invalid", 80)
+    conn.request("GET", f"/api/datasets/{dl.REPO_ID}")
+    info = json.loads(conn.getresponse().read())
+    conn.close()
+    assert info["sha"] == fake_hub.repos[("datasets", dl.REPO_ID)].commit
+    assert fake_proxy.requests == [("CONNECT", "hub.invalid:80")]
+    assert fake_hub.requests == [("GET", f"/api/datasets/{dl.REPO_ID}")]
+
+
+@pytest.mark.parametrize("offline, expected", [("1", "False"), ("0", "True")])
+def test_hub_reachable_honours_hf_hub_offline_and_hf_endpoint(fake_hub, tmp_path, offline, expected):
+    # Both are read by huggingface_hub when it is imported: a fresh interpreter sees them as a user's would.
+    env = {**fake_hub.env(tmp_path / "hf"), "HF_HUB_OFFLINE": offline}
+    result = run_cli("-c", "import hub; print(hub.hub_reachable(), hub.endpoint())", env=env)
+    assert result.stdout.split() == [expected, fake_hub.url], result.stderr[-2000:]
+
+
+# --- a full disk -------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> a folder on a tmpfs of that size (remounting resizes it); skips where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = []
+
+    def mount(size):
+        opts = f"remount,size={size}" if mounted else f"size={size}"
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)], capture_output=True, text=True)
+        except OSError as e:
+            pytest.skip(f"no mount command here ({e})")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()})")
+        mounted.append(size)
+        return folder
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def full_size_zips(folder):
+    folder.mkdir()
+    for split in dl.SPLITS:
+        hub_server.make_zip(folder / f"{split}.zip", split, hub_corpus()[split])
+    return folder
+
+
+def assert_clean_after_disk_full(out, capsys, name):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full" in err and str(out / name) in err, err
+    assert not dl.available(out) and not (out / dl.MANIFEST).exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+@pytest.mark.parametrize("name", ["validation.txt", dl.MANIFEST])
+def test_disk_full_while_writing_keeps_nothing_half_written(zips, tmp_path, capsys, monkeypatch, name):
+    out = tmp_path / "out"
+    assert run_main(zips, out) == 0
+    monkeypatch.setenv("DOWNLOAD_FAULT", f"enospc@{name}")  # where no small disk can be mounted
+    assert run_main(zips, out, "--force") == 2
+    assert_clean_after_disk_full(out, capsys, name)  # written files without a manifest never pass for complete
+    monkeypatch.delenv("DOWNLOAD_FAULT")
+    assert run_main(zips, out) == 0 and dl.available(out)
+
+
+def test_disk_full_for_real_then_the_next_run_starts_clean(small_disk, tmp_path, capsys):
+    src, out = full_size_zips(tmp_path / "zips"), small_disk("64k") / "out"
+    assert script.main(["--from-dir", str(src), "--out", str(out)]) == 2  # train.txt alone is 570 kB
+    assert_clean_after_disk_full(out, capsys, "train.txt")
+    small_disk("4m")  # the user frees space
+    assert script.main(["--from-dir", str(src), "--out", str(out)]) == 0
+    for split in dl.SPLITS:
+        assert (out / f"{split}.txt").read_text().splitlines() == hub_corpus()[split]
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_hub_cache_is_one_line_then_the_next_run_starts_clean(fake_hub, small_disk, tmp_path):
+    cache, out = small_disk("16k"), tmp_path / "out"
+    env = {**hub_env(fake_hub, tmp_path), "HF_HUB_CACHE": str(cache)}  # train.zip is 30 kB
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert_user_error(result, "disk full", "train.zip", "Hugging Face cache", str(cache))
+    assert not out.exists() and not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
+    small_disk("4m")
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_corpus_written(out, fake_hub.repos[("datasets", dl.REPO_ID)].commit)
+
+
+# --- a tokenizer folder that has only a raw spiece.model ---------------------
+
+@pytest.fixture(scope="module")
+def spiece_model_dir(tmp_path_factory):
+    """A T5 folder as older hub repos have it: config, weights and a SentencePiece model, no tokenizer.json."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from dataset import SEPARATOR, read_dialogues
+
+    d = tmp_path_factory.mktemp("spiece-t5")
+    dialogues, _ = read_dialogues(SAMPLE / "train.txt")
+    proto = io.BytesIO()
+    # T5's ids: <pad>=0, </s>=1, <unk>=2, no <s>.
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([SEPARATOR.join(t) for t in dialogues]), model_writer=proto,
+                                   vocab_size=300, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    (d / "spiece.model").write_bytes(proto.getvalue())
+    extra_ids = 100  # the <extra_id_N> sentinels T5's tokenizer adds after the pieces
+    config = T5Config(vocab_size=300 + extra_ids, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_CONFIG)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(d)
+    return d
+
+
+def test_a_raw_spiece_model_loads_tokenizes_and_round_trips(spiece_model_dir):
+    import sentencepiece as spm
+
+    import models
+    from dataset import read_dialogues
+
+    assert {p.name for p in spiece_model_dir.iterdir()} == {"spiece.model", "config.json", "generation_config.json",
+                                                              "model.safetensors"}
+    model, tokenizer = models.load_pretrained(str(spiece_model_dir))  # needs sentencepiece and protobuf
+    assert len(tokenizer) <= model.config.vocab_size
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_model_dir / "spiece.model"))
+    turns = [t for d in read_dialogues(SAMPLE / "train.txt")[0][:20] for t in d]  # every character is in its vocabulary
+    for text in turns:
+        ids = tokenizer(text).input_ids
+        assert ids == sp.encode(text) + [tokenizer.eos_token_id]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[0]])).logits
+    assert logits.shape[-1] == model.config.vocab_size

@@ -3,13 +3,18 @@
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import ROOT, SAMPLE, assert_user_error, run_cli
 from test_train import train_args
 
+import checkpoint as ckpt
 import eval as evaluation
 import infer
 from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
@@ -76,6 +81,7 @@ def test_perplexity_is_the_models_own_loss(loaded, data_dir):
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_eval_writes_report_and_samples_in_file_order(tiny_model, data_dir, tmp_path):
     checkpoint = tmp_path / "model"
     shutil.copytree(tiny_model, checkpoint)
@@ -83,7 +89,8 @@ def test_eval_writes_report_and_samples_in_file_order(tiny_model, data_dir, tmp_
     result = run_cli("eval.py", "--checkpoint", checkpoint, "--data", data, "--max-examples", "7", "--batch-size", "3",
                      "--max-new-tokens", "10")
     assert result.returncode == 0, result.stderr[-3000:]
-    out = checkpoint / "eval"  # the default --out
+    out = tmp_path / "eval" / "model"  # the default --out: beside the checkpoint, never inside it
+    assert not (checkpoint / "eval").exists()
 
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
@@ -123,6 +130,11 @@ def call_main(argv):
     (["--temperature", "0"], ["--temperature"]),
     (["--num-beams", "wide"], ["--num-beams", "invalid int"]),
     (["--bogus"], ["unrecognized", "--bogus"]),
+    (["--device", "mps"], ["--device mps", "cpu"]),
+    (["--device", "xpu"], ["--device xpu", "cpu"]),
+    (["--device", "meta"], ["--device meta", "cpu"]),
+    (["--precision", "fp16"], ["--precision fp16", "overflow", "bf16 or fp32"]),
+    (["--precision", "int8"], ["--precision int8", "auto, fp32, tf32 or bf16"]),
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
     code = call_main(["--checkpoint", tiny_model, "--data", data_dir / "validation.txt", "--out", tmp_path / "out", *flags])
@@ -155,9 +167,10 @@ def test_bad_inputs_are_one_line_errors(tiny_model, data_dir, tmp_path, capsys):
         for w in words:
             assert w in err, (w, err)
     assert a_file.read_text() == "keep me"
-    assert not (tiny_model / "eval").exists()
+    assert not (tiny_model / "eval").exists() and not (tiny_model.parent / "eval" / tiny_model.name).exists()
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line(tiny_model, tmp_path):
     prose = tmp_path / "prose.txt"
     prose.write_text("Just a normal text file.\n")
@@ -165,9 +178,121 @@ def test_errors_from_the_command_line(tiny_model, tmp_path):
     assert_user_error(run_cli("eval.py", "--checkpoint", tiny_model, "--data", prose, "--max-examples", "0"), "--max-examples")
 
 
+# ---------------------------------------------------------------- while train.py runs
+
+
+@pytest.fixture
+def training_run(loaded, tmp_path):
+    """An output dir as a running train.py leaves it: checkpoints 4 and 8, the latest 8, no best yet."""
+    model, tokenizer = loaded
+    out = tmp_path / "ckpts"
+    out.mkdir()
+    for step in (4, 8):
+        latest = ckpt.save_checkpoint(out, step, model, tokenizer, {"step": step}, {"max_length": 64, "max_target_length": 24})
+    ckpt.update_index_and_prune(out, latest, None, None, keep=2)
+    return out
+
+
+@pytest.fixture
+def training_goes_on(training_run, loaded, monkeypatch):
+    """While eval.py generates, train.py saves checkpoint 12 and prunes the older ones (--keep 1)."""
+    model, tokenizer = loaded
+    real = evaluation.generate_all
+
+    def generate_then_train(*args, **kwargs):
+        responses = real(*args, **kwargs)
+        newest = ckpt.save_checkpoint(training_run, 12, model, tokenizer, {"step": 12}, {"max_length": 64})
+        ckpt.update_index_and_prune(training_run, newest, None, None, keep=1)
+        return responses
+
+    monkeypatch.setattr(evaluation, "generate_all", generate_then_train)
+    return training_run
+
+
+def eval_argv(checkpoint, data_dir, *extra):
+    return ["--checkpoint", checkpoint, "--data", data_dir / "validation.txt", "--max-examples", "4", "--max-new-tokens", "4",
+            *extra]
+
+
+def test_the_default_out_survives_training_pruning_the_checkpoint(training_goes_on, data_dir, capsys):
+    assert call_main(eval_argv(training_goes_on, data_dir)) == 0, capsys.readouterr().err
+    assert not (training_goes_on / "checkpoint-00000008").exists()  # pruned while eval.py ran
+    out = training_goes_on / "eval" / "checkpoint-00000008"
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint"] == str(training_goes_on / "checkpoint-00000008") and len(read_samples(out)) == 4
+    assert ckpt.list_checkpoints(training_goes_on) == [training_goes_on / "checkpoint-00000012"]  # eval/ is no checkpoint
+
+
+def test_the_metrics_table_is_printed_when_writing_fails(training_goes_on, data_dir, capsys):
+    inside = training_goes_on / "checkpoint-00000008" / "eval"  # --out inside a checkpoint that training then deletes
+    assert call_main(eval_argv(training_goes_on, data_dir, "--out", inside)) == 2
+    out, err = capsys.readouterr()
+    for words in ("perplexity", "bleu1", "distinct2"):
+        assert words in out, words
+    errors = [line for line in err.splitlines() if line.strip() and "generating" not in line]  # not the progress bar
+    assert len(errors) == 1 and errors[0].startswith("eval.py: error: --out") and "metrics are printed above" in errors[0], err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_perplexity_is_finite_and_close_to_fp32(tiny_model, data_dir, tmp_path, capsys):
+    perplexities = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert call_main(eval_argv(tiny_model, data_dir, "--precision", precision, "--device", "cpu", "--out", out)) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["precision"] == precision
+        perplexities[precision] = report["metrics"]["perplexity"]
+    fp32, bf16 = perplexities["fp32"], perplexities["bf16"]
+    assert bf16 is not None and math.isfinite(bf16)
+    assert bf16 != fp32  # the model really ran in bf16...
+    assert bf16 == pytest.approx(fp32, rel=0.02)  # ...and bf16 keeps fp32's range: no overflow, a small rounding error
+
+
+# ---------------------------------------------------------------- Ctrl-C and a reader that goes away
+
+
+def script_env():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONUNBUFFERED", None)  # as in a user's shell: the exit-time flush writes what a pipe buffered
+    return env
+
+
+@pytest.mark.slow
+def test_eval_ends_quietly_when_the_reader_leaves(tiny_model, data_dir, tmp_path):
+    # `python eval.py ... | head -1`: the reader takes the first line and closes the pipe.
+    p = subprocess.Popen([sys.executable, "eval.py", *map(str, eval_argv(tiny_model, data_dir, "--out", tmp_path / "out"))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+    assert p.stdout.readline().startswith(b"evaluating")
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    text = err.decode(errors="replace")
+    assert p.returncode == 0, text[-2000:]
+    assert "Traceback" not in text and "Exception ignored" not in text and "BrokenPipe" not in text, text
+    assert (tmp_path / "out" / "report.json").exists()  # written before the table that found no reader
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_generating_is_one_line_and_130(tiny_model, tmp_path):
+    p = subprocess.Popen([sys.executable, "eval.py", "--checkpoint", str(tiny_model), "--data", str(SAMPLE / "validation.txt"),
+                          "--out", str(tmp_path / "out"), "--batch-size", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+    assert p.stdout.readline().startswith(b"evaluating")  # the model is loaded; 151 pairs to generate follow
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130
+    lines = [line for line in err.decode().replace("\r", "\n").splitlines() if line.strip() and "generating" not in line]
+    assert lines == ["eval.py: interrupted"], err.decode()[-2000:]
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 # ---------------------------------------------------------------- train.py --eval-generate
 
 
+@pytest.mark.slow
 def test_train_eval_generate_writes_the_report_in_the_output_dir(tiny_model, data_dir, tmp_path):
     out = tmp_path / "ckpts"
     result = run_cli(*train_args(tiny_model, data_dir, out, "--max-steps", "2", "--eval-generate", "3"))

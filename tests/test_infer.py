@@ -1,13 +1,23 @@
 """infer.py as users run it: one-shot, piped, chat, and its errors."""
 
 import json
+import os
+import pty
+import select
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import ROOT, assert_user_error, run_cli
 
+import checkpoint as ckpt
 import infer
+import models
+from cli import UserError
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +26,7 @@ def loaded(tiny_model):
     return model, tokenizer
 
 
+@pytest.mark.slow
 def test_one_shot_prints_only_the_response_on_stdout(tiny_model):
     result = run_cli("infer.py", "--checkpoint", tiny_model, "How are you?", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
@@ -23,8 +34,10 @@ def test_one_shot_prints_only_the_response_on_stdout(tiny_model):
     assert len(lines) == 1 and lines[0].strip()
 
 
+@pytest.mark.slow
 def test_piped_input_gives_one_response_per_line(tiny_model):
-    result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "6", input="Hello there .\n\nWhat time is it ?\n")
+    result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "6",
+                     input="Hello there .\n\nWhat time is it ?\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")[:-1]
     assert len(lines) == 3 and lines[0] and lines[1] == "" and lines[2]
@@ -41,23 +54,53 @@ def test_default_checkpoint_is_the_best_else_the_latest(tiny_model, tmp_path):
     assert infer.find_checkpoint(str(out)) == out / "checkpoint-00000004"  # --checkpoint may name the output dir
 
 
-def test_generate_response_uses_history_and_the_decoding_options(loaded):
+def encoder_inputs(model):
+    """Record the input ids of every encoder call (one per `generate`) and keep it running."""
+    seen = []
+    handle = model.get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+    return seen, handle
+
+
+def test_generate_response_feeds_the_history_to_the_model(loaded):
+    model, tokenizer = loaded
+    history, text = ["Hello there .", "Hi , can I help you ?"], "What time is it ?"
+    with_history = infer.encode_history(tokenizer, history + [text], 64)
+    alone = infer.encode_history(tokenizer, [text], 64)
+    assert with_history != alone and with_history[-len(alone):] == alone  # the earlier turns come first
+    seen, handle = encoder_inputs(model)
+    try:
+        reply = infer.generate_response(text, model, tokenizer, "cpu", history=history, max_length=64, max_new_tokens=5)
+        infer.generate_response(text, model, tokenizer, "cpu", max_length=64, max_new_tokens=5)
+    finally:
+        handle.remove()
+    assert seen == [with_history, alone]  # what the model was given, with and without the history
+    assert reply
+
+
+def test_generate_response_decoding_options(loaded):
     model, tokenizer = loaded
     kw = dict(max_new_tokens=5)
-    a = infer.generate_response("How are you ?", model, tokenizer, "cpu", **kw)
-    assert isinstance(a, str)
+    a = infer.generate_response("How are you ?", model, tokenizer, "cpu")
+    assert a  # the default decoding answers with text
     # Greedy decoding is deterministic; sampling with a seed is reproducible.
-    assert a == infer.generate_response("How are you ?", model, tokenizer, "cpu", **kw)
+    assert a == infer.generate_response("How are you ?", model, tokenizer, "cpu")
     torch.manual_seed(1)
     s1 = infer.generate_response("How are you ?", model, tokenizer, "cpu", do_sample=True, top_k=0, **kw)
     torch.manual_seed(1)
     assert s1 == infer.generate_response("How are you ?", model, tokenizer, "cpu", do_sample=True, top_k=0, **kw)
-    # The default is 64 new tokens, not the library's 20.
-    long = infer.generate_response("How are you ?", model, tokenizer, "cpu", no_repeat_ngram_size=0)
-    ids = tokenizer(long, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 20 or not long  # a random model rarely stops early
+    # The default is 64 new tokens, not the library's 20: with </s> held back, the
+    # decoder runs once per new token until the limit stops it.
+    steps = []
+    handle = model.get_decoder().register_forward_pre_hook(lambda *_: steps.append(1))
+    try:
+        infer.generate_response("How are you ?", model, tokenizer, "cpu", min_new_tokens=64)
+    finally:
+        handle.remove()
+    assert len(steps) == 64
 
 
+@pytest.mark.slow
 def test_a_100k_character_prompt_is_truncated_and_answered(tiny_model):
     prompt = "blah " * 20_000 + "How are you ?"
     result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "4", prompt)
@@ -96,6 +139,7 @@ def test_chat_ends_on_eof(loaded, monkeypatch):
 # ---------------------------------------------------------------- errors
 
 
+@pytest.mark.slow
 def test_error_paths_are_one_line_with_exit_code_2(tiny_model, tmp_path):
     assert_user_error(run_cli("infer.py", "--checkpoint", tmp_path / "nope", "Hi"), "no such folder")
     (tmp_path / "empty").mkdir()
@@ -112,9 +156,313 @@ def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch)
     assert "python train.py" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_truncated_safetensors_is_a_one_line_error(tiny_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     assert_user_error(run_cli("infer.py", "--checkpoint", broken, "Hi"), "broken", "damaged")
+
+
+# ---------------------------------------------------------------- input that is not UTF-8
+
+
+def script_env():
+    """The environment of a user's shell: stdout to a pipe is block-buffered, so Python's exit-time flush writes it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+@pytest.mark.slow
+def test_piped_bytes_that_are_not_utf8_still_get_one_answer_per_line(tiny_model):
+    result = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "6"],
+                            input=b"Hello there .\n\xff\xfe bad\nWhat time is it ?\n", capture_output=True, cwd=ROOT,
+                            env=script_env(), timeout=300)
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, err[-2000:]
+    assert len(result.stdout.decode().split("\n")[:-1]) == 3  # one answer line per input line, the last one included
+    assert result.stdout.decode().split("\n")[2]
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.strip()] == [
+        "infer.py: line 2 is not valid UTF-8; its undecodable bytes were replaced by U+FFFD"]
+
+
+def test_a_prompt_with_undecodable_bytes_is_answered(tiny_model, capsys):
+    # Python hands `python infer.py $'\xff Hi'` over as a lone surrogate, which the tokenizer refuses.
+    assert infer.main(["--checkpoint", tiny_model, "--max-new-tokens", "4", "\udcff Hi"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert infer.as_text("\udcff\udcfe Hi \ud800") == "\ufffd\ufffd Hi \ufffd"
+
+
+# ---------------------------------------------------------------- a reader that goes away
+
+
+def closed_pipe():
+    """The write end of a pipe whose reader has already gone (``| head -0``, a closed viewer)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+def assert_quiet_exit(process, err: bytes):
+    text = err.decode(errors="replace")
+    assert process.returncode == 0, text[-2000:]
+    assert "Traceback" not in text and "Exception ignored" not in text and "BrokenPipe" not in text, text
+
+
+@pytest.mark.slow
+def test_one_shot_into_a_closed_pipe_ends_quietly(tiny_model):
+    write = closed_pipe()
+    p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4", "Hi"],
+                         stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+    os.close(write)
+    _, err = p.communicate(timeout=300)
+    assert_quiet_exit(p, err)
+
+
+@pytest.mark.slow
+def test_piped_lines_end_quietly_when_the_reader_leaves(tiny_model):
+    # `yes "How are you?" | python infer.py | head -1`: the reader takes one answer and closes the pipe.
+    p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+    p.stdin.write(b"Hello there .\n")
+    p.stdin.flush()
+    assert p.stdout.readline()  # each answer arrives as soon as it is written, even into a pipe
+    p.stdout.close()
+    p.stdin.write(b"How are you ?\n" * 3)
+    p.stdin.close()
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    assert_quiet_exit(p, err)
+
+
+# ---------------------------------------------------------------- which checkpoint by default
+
+
+def save(out, step, model, tokenizer):
+    return ckpt.save_checkpoint(out, step, model, tokenizer, {"step": step}, {"max_length": 64})
+
+
+@pytest.fixture
+def run_dir(loaded, tmp_path):
+    """An output dir as train.py leaves it: checkpoints 2, 4 and 8 with manifests; best 4, latest 8."""
+    model, tokenizer = loaded
+    out = tmp_path / "checkpoints"
+    out.mkdir()
+    for step in (2, 4, 8):
+        save(out, step, model, tokenizer)
+    (out / ckpt.INDEX).write_text(json.dumps({"latest": "checkpoint-00000008", "best": "checkpoint-00000004"}))
+    return out
+
+
+def truncate(path):
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def test_a_damaged_best_checkpoint_is_skipped_for_the_latest(run_dir):
+    truncate(run_dir / "checkpoint-00000004")
+    said = []
+    assert infer.find_checkpoint(None, run_dir, warn=said.append) == run_dir / "checkpoint-00000008"
+    assert len(said) == 1 and "checkpoint-00000004" in said[0] and "model.safetensors" in said[0]
+    assert "using checkpoint-00000008" in said[0] and "\n" not in said[0]
+
+
+def test_damaged_best_and_latest_fall_back_to_older_ones_in_one_line(run_dir):
+    truncate(run_dir / "checkpoint-00000004")
+    (run_dir / "checkpoint-00000008" / "tokenizer.json").unlink()  # a file the manifest lists is gone
+    said = []
+    assert infer.find_checkpoint(str(run_dir), warn=said.append) == run_dir / "checkpoint-00000002"
+    assert len(said) == 1 and "checkpoint-00000004" in said[0] and "tokenizer.json is missing" in said[0]
+    for name in ("checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000008"):
+        truncate(run_dir / name)
+    with pytest.raises(UserError, match="no usable checkpoint"):
+        infer.find_checkpoint(str(run_dir))
+
+
+def test_folders_a_running_train_py_writes_are_never_picked(run_dir, tiny_model):
+    # A save in progress (.tmp-*) and a prune in progress (.trash-*) hold complete-looking models,
+    # and an index may name them (stale, or edited); only committed checkpoint-* folders count.
+    shutil.copytree(tiny_model, run_dir / ".tmp-checkpoint-00000012-4242")
+    shutil.copytree(tiny_model, run_dir / ".trash-checkpoint-00000002")
+    (run_dir / ckpt.INDEX).write_text(json.dumps({"latest": ".tmp-checkpoint-00000012-4242",
+                                                  "best": ".trash-checkpoint-00000002"}))
+    assert infer.find_checkpoint(None, run_dir) == run_dir / "checkpoint-00000008"
+    with pytest.raises(UserError, match="writing or deleting"):
+        infer.find_checkpoint(str(run_dir / ".tmp-checkpoint-00000012-4242"))
+
+
+def test_the_cli_skips_a_damaged_default_in_one_line_and_refuses_it_when_named(run_dir, monkeypatch, capsys):
+    truncate(run_dir / "checkpoint-00000004")
+    monkeypatch.chdir(run_dir.parent)  # checkpoints/ is the default output dir
+    assert infer.main(["--max-new-tokens", "4", "Hi"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "skipped checkpoint-00000004" in lines[0], lines
+    assert infer.main(["--checkpoint", run_dir / "checkpoint-00000004", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint-00000004" in err[0] and "does not match" in err[0], err
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+@pytest.fixture
+def real_ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt), whatever the test runner installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_reply_cancels_it_and_keeps_the_conversation(loaded, monkeypatch, capsys, real_ctrl_c):
+    model, tokenizer = loaded
+    typed = iter(["Hello there .", "What time is it ?", "Bye .", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    seen, handle = encoder_inputs(model)
+    # Ctrl-C as the terminal sends it, while the model encodes the second message.
+    interrupt = model.get_encoder().register_forward_pre_hook(
+        lambda *_: os.kill(os.getpid(), signal.SIGINT) if len(seen) == 2 else None)
+    try:
+        infer.chat(model, tokenizer, "cpu", 64, dict(max_new_tokens=4))
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test run
+        pytest.fail("Ctrl-C during a reply left the chat")
+    finally:
+        handle.remove()
+        interrupt.remove()
+    out, err = capsys.readouterr()
+    replies = [line[len("bot> "):] for line in out.splitlines()]
+    assert len(replies) == 2 and "reply cancelled" in err
+    # The cancelled turn is not in the conversation; the one before it is.
+    assert seen[-1] == infer.encode_history(tokenizer, ["Hello there .", replies[0], "Bye ."], 64)
+
+
+def read_until(fd, transcript: bytearray, marker: bytes, after: int = 0) -> bool:
+    """Read the terminal into ``transcript`` until ``marker`` shows past ``after``; False when it closed first."""
+    while transcript.find(marker, after) < 0:
+        ready, _, _ = select.select([fd], [], [], 120)
+        assert ready, f"infer.py printed no {marker!r}; so far: {bytes(transcript)!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the program ended and closed the terminal
+            return False
+        if not chunk:
+            return False
+        transcript += chunk
+    return True
+
+
+def wait_until_reading_the_terminal(pid):
+    """Until the program sits in read(0, ...) under its prompt.
+
+    A ^C that lands between the prompt and the read is seen by Python only
+    after the next key (a person never types that fast; a test does).
+    """
+    for _ in range(12_000):
+        try:
+            fields = open(f"/proc/{pid}/syscall").read().split()
+        except OSError:
+            pytest.skip("needs Linux's /proc/<pid>/syscall to know when the prompt waits for a key")
+        if fields[:2] in (["0", "0x0"], ["63", "0x0"]):  # read(0, ...) on x86-64, arm64
+            return
+        time.sleep(0.01)
+    raise AssertionError("infer.py never waited for input at its prompt")
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_chat_prompt_leaves_quietly(tiny_model):
+    pid, fd = pty.fork()  # a real terminal: chat mode, and ^C typed there becomes SIGINT
+    if pid == 0:
+        os.chdir(ROOT)
+        os.execve(sys.executable, [sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
+                  script_env())
+    transcript = bytearray()
+    try:
+        assert read_until(fd, transcript, b"you> ")
+        os.write(fd, b"Hello there .\r")
+        assert read_until(fd, transcript, b"bot> ")
+        assert read_until(fd, transcript, b"you> ", transcript.index(b"bot> "))  # back at the prompt
+        wait_until_reading_the_terminal(pid)
+        os.write(fd, b"\x03")
+        assert not read_until(fd, transcript, b"you> ", transcript.rindex(b"you> ") + 1)  # it ends, no new prompt
+    except BaseException:  # a failed step leaves it waiting at its prompt
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = transcript.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Traceback" not in text and "interrupted" not in text, text
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_answering_piped_lines_is_one_line_and_130(tiny_model):
+    p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+    p.stdin.write(b"Hello there .\n")
+    p.stdin.flush()
+    assert p.stdout.readline()  # inside the program now, waiting for the next line
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130
+    assert err.decode().strip().splitlines() == ["infer.py: interrupted"]
+
+
+# ---------------------------------------------------------------- devices and precision
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "mps:0"])
+def test_devices_other_than_cpu_and_cuda_are_one_line_errors(device, tiny_model, capsys):
+    assert infer.main(["--checkpoint", tiny_model, "--device", device, "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--device {device}" in err[0] and "cpu" in err[0], err
+
+
+@pytest.mark.slow
+def test_a_deprecated_device_name_is_still_one_line(tiny_model):
+    assert_user_error(run_cli("infer.py", "--checkpoint", tiny_model, "--device", "mkldnn", "Hi"), "--device mkldnn")
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert models.resolve_precision("auto", cpu) == "fp32"  # bf16 on a CPU is slower, so never chosen for you
+    assert models.resolve_precision("fp32", cpu) == "fp32"
+    assert models.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(UserError, match="overflow fp16.*use --precision bf16 or fp32"):
+        models.resolve_precision("fp16", cpu)
+    with pytest.raises(UserError, match="not a precision"):
+        models.resolve_precision("fp8", cpu)
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda")
+        native = torch.cuda.get_device_capability(gpu)[0] >= 8
+        assert models.resolve_precision("auto", gpu) == ("bf16" if native else "fp32")
+
+
+def test_autocast_runs_the_model_in_bf16_and_keeps_fp32_weights(loaded):
+    model, _ = loaded
+    x = torch.ones(2, 4)
+    with models.autocast("cpu", "bf16"):
+        assert (x @ x.T).dtype == torch.bfloat16
+    with models.autocast(torch.device("cpu"), "fp32"):
+        assert (x @ x.T).dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_answers(tiny_model):
+    result = run_cli("infer.py", "--checkpoint", tiny_model, "--device", "cpu", "--precision", "bf16", "How are you ?")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].strip()
+
+
+@pytest.mark.parametrize("flag, words", [("fp16", ["fp16", "overflow", "bf16 or fp32"]), ("double", ["--precision double"])])
+def test_unsupported_precisions_are_one_line_errors(flag, words, tiny_model, capsys):
+    assert infer.main(["--checkpoint", tiny_model, "--precision", flag, "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for w in words:
+        assert w in err[0], (w, err)

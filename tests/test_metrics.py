@@ -92,7 +92,7 @@ def test_sentence_bleu_matches_nltk_directly(hyp, ref):
 
 
 def test_bleu_average_matches_nltk_mean():
-    hyps, refs = zip(*PAIRS)
+    hyps, refs = zip(*PAIRS, strict=True)
     toks = [(m.tokenize(h), m.tokenize(r)) for h, r in PAIRS]
     e1 = sum(sentence_bleu([r], h, (1, 0, 0, 0), smoothing_function=M7) for h, r in toks) / 4
     e2 = sum(sentence_bleu([r], h, (0.5, 0.5, 0, 0), smoothing_function=M7) for h, r in toks) / 4
