@@ -334,8 +334,8 @@ def padding_efficiency(src_lengths, tgt_lengths, batches) -> float:
     return real / max(padded, 1)
 
 
-def collated_steps(plan, start: int, ds, rank: int, world: int, device):
-    """(step's batches, this rank's collated micro-batches) from plan[start:].
+def collated_steps(steps, ds, rank: int, world: int, device):
+    """(step's batches, this rank's collated micro-batches) for each of ``steps``.
 
     On CUDA a thread collates the next steps into pinned memory while the GPU
     runs the current one, so the GPU never waits for the host; on CPU the
@@ -348,11 +348,11 @@ def collated_steps(plan, start: int, ds, rank: int, world: int, device):
         return step_batches, batches
 
     if device.type != "cuda":
-        yield from (make(s) for s in plan[start:])
+        yield from (make(s) for s in steps)
         return
     with ThreadPoolExecutor(1) as pool:
-        ahead = deque(pool.submit(make, s) for s in plan[start : start + 2])
-        for s in plan[start + 2 :]:
+        ahead = deque(pool.submit(make, s) for s in steps[:2])
+        for s in steps[2:]:
             yield ahead.popleft().result()
             ahead.append(pool.submit(make, s))
         while ahead:

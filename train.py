@@ -114,8 +114,8 @@ def check_args(args):
 # ---------------------------------------------------------------- data
 
 
-def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
-    """The epoch's optimizer steps, each a list of batches for all ranks.
+def epoch_plan(train_ds, args, epoch: int, world: int, start: int = 0) -> list[list[list[int]]]:
+    """The epoch's optimizer steps from its batch ``start`` on, each a list of batches for all ranks.
 
     A pure function of (seed, epoch): ranks agree without talking, and a
     resumed run recomputes it. With several ranks the tail that does not
@@ -124,7 +124,7 @@ def epoch_plan(train_ds, args, epoch: int, world: int) -> list[list[list[int]]]:
     batches = token_budget_batches(train_ds.src_lengths, train_ds.tgt_lengths, args.max_tokens, args.seed, epoch)
     batches = batches[: len(batches) - len(batches) % world]
     per_step = args.grad_accum * world
-    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
+    return [batches[i : i + per_step] for i in range(start, len(batches), per_step)]
 
 
 def plan_key(args, train_ds) -> dict:
@@ -199,11 +199,11 @@ def run(argv) -> int:
     r.forward = torch.compile(model) if args.compile else model
     if world > 1:
         r.forward = torch.nn.parallel.DistributedDataParallel(r.forward)
-    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "position": 0,
-             "best_val_loss": None, "best_step": None}
+    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
+             "step_offset": 0, "best_val_loss": None, "best_step": None}
     if saved is not None:
         restore(state, saved, r, resume_from, typed)
-    r.total_steps = total_steps(args, train_ds, world)
+    r.total_steps = total_steps(args, train_ds, world) + state["step_offset"]
     if saved is not None and state["step"] >= r.total_steps:
         raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
                         "raise --epochs or --max-steps to train longer")
@@ -255,49 +255,53 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def lr_at(step: int, args, total: int) -> float:
+def lr_at(step: int, offset: int, args, total: int) -> float:
+    """The rate at step number ``step``; the schedule counts ``step - offset`` of ``total - offset``."""
+    step, total = step - offset, total - offset
     return args.lr * lr_factor(step, int(args.warmup_ratio * total), total)
 
 
 def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
     """Load a checkpoint's training state into ``state``; flags typed now apply from here on.
 
-    With another step size (--grad-accum, world size, or at an epoch end another
-    batch budget) the steps done are recounted as this run's steps to the same
-    point of the data, so the learning rate at a given point of the data stays
-    the same and an epoch run keeps its length.
+    The run goes on at the same batch of the same epoch. With another step
+    size (--grad-accum or world size) step numbers go on from the checkpoint's,
+    while the learning-rate schedule counts in steps of the new size to the same
+    point of the data (``step_offset`` is the difference), so the rate at a
+    given point of the data stays the same and an epoch run keeps its length.
     """
     args = r.args
     state["optimizer"].load_state_dict(saved["optimizer"])
     for group, decay in zip(state["optimizer"].param_groups, (args.weight_decay, 0.0), strict=True):
         group["weight_decay"] = decay  # a typed --weight-decay applies from now on
-    state.update(epoch=saved["epoch"], position=saved["position"], best_val_loss=saved["best_val_loss"],
+    before, now = saved.get("batches_per_step") or args.grad_accum * r.world, args.grad_accum * r.world
+    batch = saved["batch"] if "batch" in saved else saved["position"] * before  # older checkpoints counted steps
+    state.update(step=saved["step"], epoch=saved["epoch"], batch=batch, best_val_loss=saved["best_val_loss"],
                  best_step=saved["best_step"])
     recorded = saved.get("plan")
-    if saved["position"] > 0 and recorded and recorded != plan_key(args, r.train_ds):
+    if batch > 0 and recorded and recorded != plan_key(args, r.train_ds):
         changed = ", ".join(k for k in recorded if recorded[k] != plan_key(args, r.train_ds).get(k))
         raise UserError(f"{checkpoint.name} stopped mid-epoch and its batch plan no longer matches ({changed} changed): "
                         "resume with the same training file and --max-tokens/--max-length/--max-target-length, "
                         "or resume from a checkpoint saved at an epoch end")
-    before, now = saved.get("batches_per_step") or args.grad_accum * r.world, args.grad_accum * r.world
-    if before != now:  # go on at the same batch of the epoch
-        state["position"] = ceil_div(saved["position"] * before, now)
+    if not epoch_plan(r.train_ds, args, state["epoch"], r.world, start=batch):  # the epoch was done
+        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    if before != now:
         r.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
-              f"{state['position'] * now} of epoch {state['epoch'] + 1}")
-    if state["position"] >= len(epoch_plan(r.train_ds, args, state["epoch"], r.world)):
-        state["epoch"], state["position"] = state["epoch"] + 1, 0
+              f"{state['batch']} of epoch {state['epoch'] + 1}, the learning rate where that batch puts it")
     if args.max_steps:  # a length in steps: the steps done (and a recorded length) in steps of the new size
-        state["step"] = ceil_div(saved["step"] * before, now)
+        here = ceil_div((saved["step"] - saved.get("step_offset", 0)) * before, now)
         if "max_steps" not in typed:
             args.max_steps = ceil_div(args.max_steps * before, now)
-    else:  # a length in epochs: count this run's steps to the same point of the data
-        done = sum(len(epoch_plan(r.train_ds, args, e, r.world)) for e in range(state["epoch"]))
-        state["step"] = done + state["position"]
+    else:  # a length in epochs: this run's steps to the same point of the data
+        here = sum(len(epoch_plan(r.train_ds, args, e, r.world)) for e in range(state["epoch"]))
+        here += ceil_div(state["batch"], now)
+    state["step_offset"] = state["step"] - here
     ckpt.set_rng_state(saved["rng"])
     if r.rank > 0:  # other ranks: their own dropout noise
         torch.manual_seed(distributed.dropout_seed(args.seed, r.rank, state["step"]))
     r.log(f"resuming from {checkpoint.name}: step {state['step']}, epoch {state['epoch'] + 1}, "
-          f"{state['position']} steps into it")
+          f"batch {state['batch']} of it")
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -318,14 +322,15 @@ def fit(state: dict, r: Run) -> int:
               dynamic_ncols=True) as bar:
         try:
             while state["step"] < r.total_steps:
-                plan = epoch_plan(r.train_ds, args, state["epoch"], r.world)
-                for step_batches, batches in collated_steps(plan, state["position"], r.train_ds, r.rank, r.world, r.device):
+                steps = epoch_plan(r.train_ds, args, state["epoch"], r.world, start=state["batch"])
+                epoch_end = state["batch"] + sum(len(s) for s in steps)  # the epoch's batch count
+                for step_batches, batches in collated_steps(steps, r.train_ds, r.rank, r.world, r.device):
                     loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, r, step_batches, batches)
                     state["step"] += 1
-                    state["position"] += 1
-                    end_of_epoch = state["position"] == len(plan)
+                    state["batch"] += len(step_batches)
+                    end_of_epoch = state["batch"] == epoch_end
                     if end_of_epoch:  # a finished epoch resumes at the next one
-                        state["epoch"], state["position"] = state["epoch"] + 1, 0
+                        state["epoch"], state["batch"] = state["epoch"] + 1, 0
                     last = state["step"] == r.total_steps
                     window["loss"] += loss_sum / step_tokens  # this rank's share of the step's mean token loss
                     window["real_tokens"] += real_tokens
@@ -377,7 +382,7 @@ def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list
     # gradient turns every weight nan at optimizer.step even when the loss itself was finite.
     first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(r.first_bad_step)
     r.first_bad_step = torch.where(first, float(state["step"] + 1), r.first_bad_step)
-    lr = lr_at(state["step"], r.args, r.total_steps)
+    lr = lr_at(state["step"], state["step_offset"], r.args, r.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -420,7 +425,7 @@ def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
         torch.distributed.all_reduce(total)  # add up the ranks' shares
     loss = total.item() / window["steps"]  # waits for the queued steps, so the time below counts all of them
     elapsed = time.perf_counter() - window["start"]
-    lr = lr_at(state["step"] - 1, r.args, r.total_steps)  # the rate this step used
+    lr = lr_at(state["step"] - 1, state["step_offset"], r.args, r.total_steps)  # the rate this step used
     row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
            "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9), "real_tokens": window["real_tokens"],
            "seconds": elapsed}

@@ -120,7 +120,7 @@ def test_resume_mid_epoch_in_a_later_epoch_sees_the_same_examples(reference, tin
     result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": f"mid_step@{kill_at}"})
     assert result.returncode == -9
     state = torch.load(ckpt.newest_valid(out) / ckpt.STATE, weights_only=True)
-    assert state["epoch"] >= 1 and state["position"] > 0  # really mid-epoch, in epoch 2 or later
+    assert state["epoch"] >= 1 and state["batch"] > 0  # really mid-epoch, in epoch 2 or later
     assert run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume")).returncode == 0
     assert_same_run(out, reference)
 

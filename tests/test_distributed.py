@@ -163,19 +163,19 @@ def test_checkpoint_of_one_rank_resumes_with_two_ranks(one_rank, two_ranks, nodr
 def test_checkpoint_of_two_ranks_resumes_with_one(two_ranks, nodrop_model, data_dir, tmp_path):
     copy = resume_copy(two_ranks[0], tmp_path)
     # One rank with the recorded --grad-accum 1 takes 1 batch per step where the checkpoint took 2:
-    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4, and counts in steps of its own
-    # size: the 4 steps done are 8 of its steps, and --max-steps 8 (of 2 batches) is 16 of them.
+    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4. Step numbers go on from 4; the
+    # schedule counts the 4 steps done as 8 of its own size, and --max-steps 8 (of 2 batches) as 16.
     result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "resuming from checkpoint-00000004: step 8" in result.stdout and "continuing at batch 8" in result.stdout
+    assert "resuming from checkpoint-00000004: step 4" in result.stdout and "continuing at batch 8" in result.stdout
     resumed, straight = rows(copy), rows(two_ranks[0])
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, *range(9, 2 * STEPS + 1)]
+    assert [r["step"] for r in resumed] == list(range(1, 13))
     assert resumed[:4] == straight[:4]  # rows of the 2-rank part kept as they were
     after = [r["examples"] for r in resumed[4:]]
     assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
     assert [r["lr"] for r in resumed[4::2]] == pytest.approx([r["lr"] for r in straight[4:]])  # same rate there
-    assert ckpt.load_training_state(step_dir(copy, 16))["world_size"] == 1
-    assert_infer_loads(step_dir(copy, 16))
+    assert ckpt.load_training_state(step_dir(copy, 12))["world_size"] == 1
+    assert_infer_loads(step_dir(copy, 12))
 
 
 # ---------------------------------------------------------------- launch mistakes
@@ -247,10 +247,10 @@ def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_process
     assert [r["examples"] for r in resumed] == [r["examples"] for r in straight]
     torch.testing.assert_close(weights(step_dir(two, 8)), weights(step_dir(two_ranks[0], 8)), rtol=1e-5, atol=1e-5)
 
-    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's: 4 steps done are 8.
+    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's: 8 more steps.
     result = python("train.py", *args_for(nodrop_model, data_dir, one, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "resuming from checkpoint-00000004: step 8" in result.stdout
-    after = [r["examples"] for r in rows(one) if r["step"] > 8]
+    assert "resuming from checkpoint-00000004: step 4" in result.stdout
+    after = [r["examples"] for r in rows(one) if r["step"] > 4]
     assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
-    assert ckpt.verify(step_dir(one, 2 * STEPS)) is None
+    assert ckpt.verify(step_dir(one, 12)) is None

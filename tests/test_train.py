@@ -314,7 +314,7 @@ def test_an_lr_typed_with_resume_sets_the_schedule_from_there(ten_copy):
 def test_epochs_typed_with_resume_replace_the_recorded_max_steps(ten_copy):
     assert call_main(["--resume", "--output-dir", ten_copy, "--epochs", "2"]) == 0
     end = ckpt.load_training_state(latest(ten_copy))
-    assert end["epoch"] == 2 and end["position"] == 0  # stopped at the end of the second epoch, not at step 10
+    assert end["epoch"] == 2 and end["batch"] == 0  # stopped at the end of the second epoch, not at step 10
     config = strict_json((latest(ten_copy) / ckpt.RUN_CONFIG).read_text())
     assert config["max_steps"] is None and config["epochs"] == 2
     steps = [r["step"] for r in train_rows(ten_copy)]
@@ -371,19 +371,39 @@ def test_resume_with_another_grad_accum_keeps_the_lr_at_each_point_of_the_data(t
     assert call_main(["--resume", "--output-dir", out, "--grad-accum", "2"]) == 0
     ref = {r["step"]: r for r in train_rows(straight)}
     assert sorted(ref) == list(range(1, 21))
-    # 8 steps of one batch are 4 of two: the resumed run counts on from step 4, two batches a step. The log
-    # keeps the 8 rows written before the stop (they happened), then the resumed run's rows.
+    # Step numbers go on from 8, two batches a step; the schedule counts those 8 steps as 4 of two batches,
+    # so each resumed step runs at the rate the straight run gave its first batch. The log keeps the 8 rows
+    # written before the stop (they happened), then the resumed run's rows.
     rows = train_rows(out)
     assert [(r["step"], r["examples"], r["loss"]) for r in rows[:8]] == [
         (r["step"], r["examples"], r["loss"]) for r in train_rows(straight)[:8]]
     resumed = rows[8:]
-    assert [r["step"] for r in resumed] == list(range(5, 11))
+    assert [r["step"] for r in resumed] == list(range(9, 15))
     for row in resumed:
-        first, second = ref[2 * row["step"] - 1], ref[2 * row["step"]]
+        first, second = ref[2 * row["step"] - 9], ref[2 * row["step"] - 8]
         assert row["examples"] == first["examples"] + second["examples"]  # the same data, in order
         assert row["lr"] == pytest.approx(first["lr"], rel=1e-9)  # at the rate the straight run gave it
     end = ckpt.load_training_state(latest(out))
-    assert (end["step"], end["epoch"], end["position"]) == (10, 1, 0)  # the same end of data: one epoch
+    assert (end["step"], end["epoch"], end["batch"]) == (14, 1, 0)  # the same end of data: one epoch
+
+
+def test_resumes_with_another_step_size_never_skip_a_batch_or_go_back(tiny_model, data_dir, tmp_path, monkeypatch):
+    """Stop at an odd step, resume with --grad-accum 2, stop, resume with 1 again: every example of the
+    epoch exactly once, step numbers only go up, and each --resume takes the checkpoint saved last."""
+    out = tmp_path / "out"
+    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@9")
+    assert call_main(epoch_args(tiny_model, data_dir, out)) == 143
+    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@12")
+    assert call_main(["--resume", "--output-dir", out, "--grad-accum", "2"]) == 143
+    monkeypatch.delenv("TRAIN_FAULT")
+    assert call_main(["--resume", "--output-dir", out, "--grad-accum", "1"]) == 0
+    rows = train_rows(out)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps))  # each step once, in order
+    seen = [i for r in rows for i in r["examples"]]
+    assert sorted(seen) == list(range(127))  # the tiny data's 127 pairs, each exactly once
+    assert [len(r["examples"]) > 0 for r in rows].count(True) == len(rows)
+    assert ckpt.load_training_state(latest(out))["epoch"] == 1
 
 
 def test_resume_mid_epoch_needs_the_same_batch_plan(tiny_model, tmp_path, monkeypatch, capsys):
@@ -415,13 +435,13 @@ def test_resume_mid_epoch_needs_the_same_batch_plan(tiny_model, tmp_path, monkey
     assert call_main(["--resume", "--output-dir", out]) == 0
     seen = [i for r in train_rows(out) for i in r["examples"]]
     end = ckpt.load_training_state(latest(out))
-    assert (end["epoch"], end["position"]) == (1, 0)
+    assert (end["epoch"], end["batch"]) == (1, 0)
     assert sorted(seen) == list(range(end["plan"]["pairs"]))  # each example exactly once in the epoch
 
     # At an epoch end nothing of the old plan is left to follow: another budget is fine.
     assert call_main(["--resume", "--output-dir", out, "--epochs", "2", "--max-tokens", "640"]) == 0
     end2 = ckpt.load_training_state(latest(out))
-    assert (end2["epoch"], end2["position"], end2["plan"]["max_tokens"]) == (2, 0, 640)
+    assert (end2["epoch"], end2["batch"], end2["plan"]["max_tokens"]) == (2, 0, 640)
     second = train_rows(out)[end["step"]:]  # the rows the last resume wrote, after the first epoch's
     assert sorted(i for r in second for i in r["examples"]) == list(range(end["plan"]["pairs"]))
     assert len(second) < 20  # bigger batches: fewer steps than the first epoch's 20
