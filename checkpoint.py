@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoint-<step>`` that Hugging Face loads as is
 (``model.safetensors``, ``config.json``, ``generation_config.json``, the
 tokenizer files) plus what resuming needs:
 
-- ``training_state.pt``: optimizer, scheduler, step, epoch, position in the
-  epoch, RNG states; plain tensors and numbers, loaded with
+- ``training_state.pt``: train.py's state dict (step, epoch, batch of the
+  epoch, best loss) with the optimizer, RNG states and what the batch plan
+  depends on; plain tensors and numbers, loaded with
   ``torch.load(weights_only=True)`` so a tampered file cannot run code;
 - ``run_config.json``: the flags of the run;
 - ``README.md``: a model card (license of the training data, base model,
@@ -46,6 +47,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import corpus
 import models
 from cli import UserError
 from dataset import SEPARATOR
@@ -61,10 +63,6 @@ LOCK = "train.lock"
 CARD = "README.md"
 GENERATION_CONFIG = "generation_config.json"
 
-ROOT = Path(__file__).resolve().parent
-SAMPLE_DATA = ROOT / "data" / "sample"
-# data/download.py writes this file beside the corpus it verified, wherever --out put it.
-DOWNLOAD_INFO = "download_info.json"
 
 
 class CheckpointError(UserError):
@@ -221,7 +219,7 @@ def sign_lock(lock):
     lock.flush()
 
 
-def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print):
+def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print, lock=None):
     """Check ``out`` suits a new run or a resume, lock it (rank 0), clear crash leftovers; returns the lock."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is an existing file; pass a folder path")
@@ -232,7 +230,7 @@ def prepare_output_dir(out: Path, resume: bool, is_main: bool, log=print):
     except OSError as e:
         raise UserError(f"--output-dir {out} is not writable ({e.strerror}); "
                         "fix its permissions or pass another folder") from None
-    lock = lock_output_dir(out)  # before looking at its contents: another run may be changing them
+    lock = lock or lock_output_dir(out)  # before looking at its contents: another run may be changing them
     has_run = bool(list_checkpoints(out)) or (out / INDEX).exists()
     if resume and not list_checkpoints(out):
         raise UserError(f"--resume: no checkpoint in {out}; run without --resume to start training, "
@@ -280,12 +278,12 @@ def training_data(train_file) -> dict:
     if not train_file:
         return {"license": "other", "license_name": "unknown", "text": "Unknown: the run did not record its training file."}
     path = Path(train_file).resolve()
-    if path.parent == SAMPLE_DATA:
+    if path.parent == corpus.SAMPLE_DATA:
         return {"license": "other", "license_name": "project-demo-sample",
                 "text": "the demo sample shipped with the code (data/sample): short dialogues written for the project, "
                         "free to use with its code. A demo, enough to see the pipeline work; not a useful chat model."}
     try:
-        info = json.loads((path.parent / DOWNLOAD_INFO).read_text())
+        info = json.loads((path.parent / corpus.MANIFEST).read_text())  # written beside a verified corpus
     except (OSError, ValueError):
         info = {}
     if isinstance(info, dict) and "roskoN/dailydialog" in str(info.get("source", "")):
@@ -426,8 +424,7 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
 
 
 def _as_recorded(value, key):
-    """Paths are recorded absolute, so --resume works from any directory."""
-    return str(Path(value).resolve()) if key in ("train_file", "val_file") and value else value
+    return corpus.absolute(value) if key in ("train_file", "val_file") else value
 
 
 # ---------------------------------------------------------------- saving
@@ -524,16 +521,20 @@ def update_index_and_prune(output_dir, latest: Path, best: Path | None, best_los
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may run on a machine with fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by an older version: one state per GPU of that machine
+        here = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[here] if here < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # ---------------------------------------------------------------- loading

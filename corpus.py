@@ -395,6 +395,10 @@ def load_datasets(args, tokenizer):
     lengths = (args.max_length, args.max_target_length)
     if args.val_file:
         return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    train_ids, val_ids = holdout(len(read_dialogues(args.train_file)[0]), args.val_share, args.seed)
+    dialogues = len(read_dialogues(args.train_file)[0])
+    if dialogues < 2:
+        raise DataError(f"{args.train_file}: one dialogue cannot be split into training and validation; "
+                        "pass --val-file or use more dialogues")
+    train_ids, val_ids = holdout(dialogues, args.val_share, args.seed)
     return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
             DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))

@@ -63,6 +63,17 @@ def lost_contact(e: RuntimeError) -> str | None:
             "failed first: see its message (torchrun names it under 'Root Cause')")
 
 
+def check_same_everywhere(what: str, value, world: int):
+    """Every rank must train the same model on the same data, or the collectives hang: compare once at the start."""
+    if world == 1:
+        return
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        raise UserError(f"the {world} processes disagree on the {what} (rank 0: {values[0]}, rank {dist.get_rank()}: {value}); "
+                        "give every machine the same --model and data files (a shared folder), or pass them explicitly")
+
+
 def dropout_seed(seed: int, rank: int, step: int) -> int:
     """The torch seed of a rank starting (or, for ranks > 0, resuming) at ``step``.
 
@@ -89,8 +100,9 @@ class StopFlag:
         self.signum = signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
 
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name
 
     def agree(self, device):
         """All ranks stop together (or the others would hang): the max of the flags."""

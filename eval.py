@@ -157,7 +157,7 @@ def write_outputs(out: Path, report: dict, samples: list[dict]):
 
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
-    options = generation_options(args)  # InferError on a bad decoding flag
+    options = generation_options(args)  # a bad decoding flag fails before any loading
     if args.max_examples is not None and args.max_examples <= 0:
         raise UserError(f"--max-examples must be positive, got {args.max_examples}")
     if args.batch_size <= 0:

@@ -1,4 +1,4 @@
-"""The model: which one to start from, its loss, and how it answers.
+"""The model: which one to start from, its loss, its precision.
 
 - `load_pretrained`: a hub name or a local folder (safetensors only, no
   remote code); offline, the Hugging Face cache.
@@ -23,8 +23,6 @@ from cli import UserError
 from dataset import SEPARATOR, read_dialogues
 
 DEFAULT_MODEL = "t5-small"
-# A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
-# with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
 MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special tokens and the alphabet's pieces
 # Generation defaults, chosen for chat: 64 new tokens rather than the library's
 # 20 (which cuts replies mid-sentence), greedy decoding so answers are
@@ -32,6 +30,8 @@ MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special token
 # Checkpoints carry them in generation_config.json, so `generate` anywhere decodes the same.
 GENERATION_DEFAULTS = dict(max_new_tokens=64, num_beams=1, do_sample=False, top_p=1.0, top_k=50, temperature=1.0,
                            no_repeat_ngram_size=3, repetition_penalty=1.0)
+# A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
+# with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
 SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
 
 
@@ -127,7 +127,7 @@ def prepare_for_training(model, device, precision: str, attention: str, use_fast
     set_math_mode(device, precision)
     attention = attention if attention != "auto" else ("sdpa" if device.type == "cuda" else "eager")
     model.set_attn_implementation(attention)
-    if use_fast_dropout:
+    if use_fast_dropout and attention == "eager":  # an explicit --attention sdpa keeps torch's dropout
         fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
     return model
 

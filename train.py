@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     models.add_precision_arg(p)
     a("--attention", choices=("auto", "eager", "sdpa"), default="auto",
-      help="attention kernel: auto = sdpa on CUDA, eager on CPU (where fast dropout brings its own)")
+      help="attention kernel: auto = sdpa on CUDA, eager on CPU (where fast dropout brings its own; sdpa turns that off)")
     a("--compile", action="store_true", help="torch.compile the model (on a 2-core CPU it measured slower; see bench/README.md)")
     a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; 1.3x faster here)")
@@ -121,10 +122,10 @@ def epoch_plan(train_ds, args, epoch: int, world: int, start: int = 0) -> list[l
     resumed run recomputes it. With several ranks the tail that does not
     divide evenly is dropped so every rank takes the same number of steps.
     """
-    batches = token_budget_batches(train_ds.src_lengths, train_ds.tgt_lengths, args.max_tokens, args.seed, epoch)
-    batches = batches[: len(batches) - len(batches) % world]
+    batches = token_budget_batches(train_ds.src_lengths, train_ds.tgt_lengths, args.max_tokens, args.seed, epoch)[start:]
+    batches = batches[: len(batches) - len(batches) % world]  # from any start: a resume may change the world size
     per_step = args.grad_accum * world
-    return [batches[i : i + per_step] for i in range(start, len(batches), per_step)]
+    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
 
 
 def plan_key(args, train_ds) -> dict:
@@ -144,6 +145,11 @@ def main(argv=None) -> int:
         print(f"train.py: error: {ckpt.describe_os_error(e)}; the last checkpoint is intact: "
               "free space or fix permissions, then rerun with --resume", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        fresh_line()
+        print("train.py: error: out of GPU memory; lower --max-tokens (and raise --grad-accum to keep the step size), "
+              "then rerun with --resume", file=sys.stderr)
+        return 2
     except RuntimeError as e:  # under torchrun: another rank died or stopped answering
         message = distributed.lost_contact(e)
         if message is None:
@@ -157,6 +163,9 @@ def main(argv=None) -> int:
 def run(argv) -> int:
     args, typed = build_parser().parse_args(argv), typed_flags(argv)
     out = Path(args.output_dir)
+    # Rank 0 locks an existing output dir before reading it: another run may be pruning it right now.
+    early_lock = ckpt.lock_output_dir(out) if os.environ.get("RANK", "0") == "0" and args.output_dir.strip() and out.is_dir() \
+        else None
     damaged: list[str] = []  # reported once we know which rank logs
     resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
     if resume_from:
@@ -165,7 +174,7 @@ def run(argv) -> int:
     rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     precision = models.resolve_precision(args.precision, device)  # a refused flag leaves --output-dir untouched
-    lock = ckpt.prepare_output_dir(out, args.resume, rank == 0, log)  # held until the process ends
+    lock = ckpt.prepare_output_dir(out, args.resume, rank == 0, log, early_lock)  # held until the process ends
     for message in damaged:
         log(message)
     if args.resume and resume_from is None:
@@ -192,13 +201,14 @@ def run(argv) -> int:
     log(data_note)
     train_ds, val_ds = corpus.load_datasets(args, tokenizer)
 
+    distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
     random.seed(args.seed)
     model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
     r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds)
-    r.forward = torch.compile(model) if args.compile else model
-    if world > 1:
-        r.forward = torch.nn.parallel.DistributedDataParallel(r.forward)
+    r.forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:  # after DDP, so gradient all-reduce overlaps the compiled backward
+        r.forward = torch.compile(r.forward)
     state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
              "step_offset": 0, "best_val_loss": None, "best_step": None}
     if saved is not None:
@@ -245,7 +255,11 @@ def make_optimizer(model, args, device):
 def total_steps(args, train_ds, world: int) -> int:
     # Epochs differ slightly in length (batches are filled greedily after a
     # shuffle), so count each epoch's steps from its own plan.
-    return args.max_steps or sum(len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs))
+    per_epoch = [len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs)]
+    if 0 in per_epoch:
+        raise UserError(f"{train_ds.path} makes fewer batches than the {world} processes: use more data, "
+                        "fewer processes or a smaller --max-tokens")
+    return args.max_steps or sum(per_epoch)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -272,8 +286,9 @@ def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
     """
     args = r.args
     state["optimizer"].load_state_dict(saved["optimizer"])
+    fused = r.device.type == "cuda"
     for group, decay in zip(state["optimizer"].param_groups, (args.weight_decay, 0.0), strict=True):
-        group["weight_decay"] = decay  # a typed --weight-decay applies from now on
+        group.update(weight_decay=decay, fused=fused, foreach=not fused)  # this run's settings, not the saved ones
     before, now = saved.get("batches_per_step") or args.grad_accum * r.world, args.grad_accum * r.world
     batch = saved["batch"] if "batch" in saved else saved["position"] * before  # older checkpoints counted steps
     state.update(step=saved["step"], epoch=saved["epoch"], batch=batch, best_val_loss=saved["best_val_loss"],
@@ -342,14 +357,16 @@ def fit(state: dict, r: Run) -> int:
                         record(r, {"step": state["step"], "examples": [i for b in step_batches for i in b]})
                     if state["step"] % args.eval_every == 0 or end_of_epoch or last:
                         validate(state, r, bar)
-                    if r.world > 1:
+                    boundary = state["step"] % args.log_every == 0 or end_of_epoch or last
+                    if r.world > 1 and boundary:  # all ranks stop at the same step (a host sync: boundaries only)
                         stop.agree(r.device)
-                    if state["step"] % args.save_every == 0 or end_of_epoch or last or stop.signum:
+                    signum = stop.signum if (r.world == 1 or boundary) else None  # read once: a signal may land now
+                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum:
                         save(state, r)
-                    if stop.signum:
+                    if signum:
                         bar.close()
-                        r.log(f"stopped by {stop.name()} at step {state['step']}; checkpoint saved, continue with --resume")
-                        return 128 + stop.signum
+                        r.log(f"stopped by {stop.name(signum)} at step {state['step']}; checkpoint saved, continue with --resume")
+                        return 128 + signum
                     if end_of_epoch or last:
                         break
         finally:
@@ -487,7 +504,7 @@ def banner(r: Run, model, steps: int, precision: str):
     params = sum(p.numel() for p in model.parameters())
     notes = [f"{world} processes"] if world > 1 else []
     notes.append(models.precision_note(precision, r.device))
-    if args.fast_dropout and r.device.type == "cpu":
+    if args.fast_dropout and r.device.type == "cpu" and args.attention != "sdpa":
         notes.append("fast dropout masks")
     log(f"device: {r.device} ({'; '.join(notes)})")
     log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(r.tokenizer):,})")
