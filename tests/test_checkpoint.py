@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import ModelCard
 
 import checkpoint as ckpt
+import corpus
 import dataset
 import generation
 from conftest import SAMPLE
@@ -47,7 +48,7 @@ def corpus_dir(tmp_path):
     d = tmp_path / "dailydialog"
     d.mkdir()
     (d / "train.txt").write_text(SAMPLE.joinpath("train.txt").read_text())
-    (d / ckpt.DOWNLOAD_INFO).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
+    (d / corpus.MANIFEST).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
     return d
 
 
@@ -69,7 +70,7 @@ def test_card_for_a_named_model_on_the_corpus(corpus_dir):
 
 
 def test_card_for_a_user_file_says_the_license_is_unknown(corpus_dir, tmp_path):
-    (corpus_dir / ckpt.DOWNLOAD_INFO).unlink()  # the same text, but nothing says where it came from
+    (corpus_dir / corpus.MANIFEST).unlink()  # the same text, but nothing says where it came from
     text = ckpt.model_card({"model": "google/flan-t5-small", "train_file": str(corpus_dir / "train.txt")}, None, 7)
     meta = card_metadata(text)
     assert meta["license"] == "other" and meta["license_name"] == "unknown"
