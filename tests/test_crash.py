@@ -23,6 +23,8 @@ import checkpoint as ckpt
 import runlog
 import train
 
+pytestmark = pytest.mark.slow  # every test here starts train.py (or torchrun) as a process
+
 # 2 epochs of the tiny data, a checkpoint every 3 steps, keep 1 (+ the best).
 FLAGS = ["--max-length", "64", "--max-target-length", "24", "--max-tokens", "384", "--log-every", "1",
          "--eval-every", "3", "--save-every", "3", "--keep", "1", "--epochs", "2", "--log-examples", "--seed", "5"]

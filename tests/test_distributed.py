@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 import checkpoint as ckpt
 import models
 
+pytestmark = pytest.mark.slow  # every test here starts train.py (or torchrun) as a process
+
 STEPS = 8  # 16 of the tiny data's 20 batches per epoch: both runs stay in epoch 0
 DIST_ENV = {"TRAIN_DIST_TIMEOUT": "60"}  # a bug fails in a minute instead of hanging for half an hour
 

@@ -35,6 +35,7 @@ def finished_run(tiny_model, data_dir, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_training_writes_loadable_checkpoints_metrics_and_plot(finished_run):
     out, result = finished_run
     index = json.loads((out / "checkpoints.json").read_text())
@@ -64,6 +65,7 @@ def test_training_writes_loadable_checkpoints_metrics_and_plot(finished_run):
         assert words in result.stdout, words
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(finished_run, tiny_model, data_dir, tmp_path):
     out, _ = finished_run
     copy = tmp_path / "ckpts"
@@ -78,6 +80,7 @@ def test_resume_continues_from_the_saved_step(finished_run, tiny_model, data_dir
     assert steps[-1] > ckpt.step_of(copy / steps_before)
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(finished_run, tiny_model, data_dir):
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -86,6 +89,7 @@ def test_existing_run_is_not_overwritten(finished_run, tiny_model, data_dir):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag_with_its_default():
     result = run_cli("train.py", "--help")
     assert result.returncode == 0
@@ -96,6 +100,7 @@ def test_help_documents_every_flag_with_its_default():
     assert "(default: 2048)" in result.stdout.replace("\n", " ").replace("  ", " ")
 
 
+@pytest.mark.slow
 def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_dir, tmp_path):
     empty_cache = tmp_path / "hf"
     result = run_cli("train.py", "--train-file", data_dir / "train.txt", "--output-dir", tmp_path / "out",
@@ -146,6 +151,7 @@ def call_main(argv):
         return e.code
 
 
+@pytest.mark.slow
 def test_bad_data_files_are_one_line_errors(tiny_model, data_dir, tmp_path):
     cases = {
         "missing.txt": None,
@@ -191,6 +197,7 @@ def test_named_model_that_cannot_be_loaded_is_an_error_not_a_fallback(data_dir, 
     assert "cannot load --model" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, data_dir, capsys):
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
