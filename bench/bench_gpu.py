@@ -205,22 +205,13 @@ def arm_train(w: Path, name: str, s: dict, device) -> dict:
 def arm_hf(w: Path, s: dict, device, batch: int, probe: bool) -> dict:
     """Seq2SeqTrainer, bf16, group_by_length; a probe trains on the first hf_probe_pairs pairs' worth of steps."""
     import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from dataset import DailyDialogDataset
 
     model, tokenizer = benchlib.load_model(w / "model")
     ds = DailyDialogDataset(tokenizer, w / "train.txt")
-    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
-            for e in ds.examples]
-    inner = DataCollatorForSeq2Seq(tokenizer, model=model)
-    count = {"real": 0, "processed": 0}
-
-    def collator(features):
-        batch = inner(features)
-        count["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        count["processed"] += batch["input_ids"].numel() + batch["labels"].numel()
-        return batch
+    rows, collator, count = benchlib.hf_rows_and_collator(ds, tokenizer, model)
 
     first = {}
 

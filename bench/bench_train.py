@@ -100,20 +100,11 @@ def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None, name: str
 
 def arm_hf(w: Path, lr: float, warmup: float, epochs: int) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     model, tokenizer = benchlib.load_model(w / "model")
     ds = load_dataset(tokenizer, w / "train.txt")
-    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
-            for e in ds.examples]
-    inner = DataCollatorForSeq2Seq(tokenizer, model=model)
-    count = {"real": 0, "processed": 0}
-
-    def collator(features):
-        batch = inner(features)
-        count["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-        count["processed"] += batch["input_ids"].numel() + batch["labels"].numel()
-        return batch
+    rows, collator, count = benchlib.hf_rows_and_collator(ds, tokenizer, model)
 
     args = Seq2SeqTrainingArguments(output_dir=str(w / "hf-run"), per_device_train_batch_size=16, learning_rate=lr,
                                     warmup_steps=warmup, num_train_epochs=epochs, train_sampling_strategy="group_by_length",

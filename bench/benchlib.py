@@ -209,3 +209,21 @@ def run_arm(script: str, work: Path, name: str, *extra: str) -> dict:
 
 def write_result(work: Path, name: str, result: dict):
     (work / f"{name}.json").write_text(json.dumps(result))
+
+
+def hf_rows_and_collator(ds, tokenizer, model):
+    """Seq2SeqTrainer's view of our examples, and a collator that counts real and padded tokens as it goes."""
+    from transformers import DataCollatorForSeq2Seq
+
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
+            for e in ds.examples]
+    inner = DataCollatorForSeq2Seq(tokenizer, model=model)
+    count = {"real": 0, "processed": 0}
+
+    def collator(features):
+        batch = inner(features)
+        count["real"] += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+        count["processed"] += batch["input_ids"].numel() + batch["labels"].numel()
+        return batch
+
+    return rows, collator, count
