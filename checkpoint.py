@@ -68,7 +68,8 @@ GENERATION_CONFIG = "generation_config.json"
 class CheckpointError(UserError):
     """A checkpoint we cannot write or use; the message says what to do.
 
-    Its own type because a caller may go on to an older checkpoint instead.
+    Its own type so code that saves or loads checkpoints (and its tests) can
+    tell a checkpoint problem from a bad flag; scripts print it like any UserError.
     """
 
 

@@ -60,8 +60,6 @@ ACT_LABELS = {"1", "2", "3", "4"}
 EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
-__all__ = ["DataError", "HubUnreachable", "available", "download"]
-
 
 class HubUnreachable(UserError):
     """The hub cannot be reached and the cache cannot stand in for it.
