@@ -49,6 +49,7 @@ import yaml
 
 import corpus
 import models
+import runlog
 from cli import UserError
 from dataset import SEPARATOR
 
@@ -85,7 +86,7 @@ def _fsync_path(path: Path):
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -93,20 +94,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def finite_or_none(data):
-    """``data`` with every NaN or infinity replaced by None (strict JSON has no NaN)."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, dict):
-        return {k: finite_or_none(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite_or_none(v) for v in data]
-    return data
-
-
 def to_json(data, **kwargs) -> str:
     """Strict JSON: a non-finite number is written as null, never as a bare NaN other parsers reject."""
-    return json.dumps(finite_or_none(data), allow_nan=False, indent=2, **kwargs)
+    return json.dumps(runlog.strict(data), allow_nan=False, indent=2, **kwargs)
 
 
 def write_json_atomic(path: Path, data):
@@ -463,7 +453,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
         (tmp / CARD).write_text(model_card(run_config, metrics, step))
         writing = tmp / MANIFEST
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {"step": step, "files": {p.name: _sha256(p) for p in files}}
+        manifest = {"step": step, "files": {p.name: sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(to_json(manifest))
         for p in tmp.iterdir():
             _fsync_path(p)
@@ -552,7 +542,7 @@ def verify(path) -> str | None:
     for name, digest in files.items():
         if not (path / name).is_file():
             return f"{path.name}: {name} is missing"
-        if _sha256(path / name) != digest:
+        if sha256(path / name) != digest:
             return f"{path.name}: {name} does not match its recorded hash (damaged or truncated)"
     return None
 

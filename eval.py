@@ -24,9 +24,7 @@ token, ``</s>`` included, padding excluded.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -110,16 +108,6 @@ def build_parser():
     return p
 
 
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def finite_or_none(value):
-    """JSON has no inf/nan: a perplexity that overflowed is written as null."""
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def default_out(checkpoint: Path) -> Path:
     """``eval/<checkpoint name>`` in the folder holding the checkpoint.
 
@@ -194,7 +182,7 @@ def run(argv) -> int:
     report = {
         "checkpoint": str(path),
         "data": str(args.data),
-        "data_sha256": sha256(Path(args.data)),
+        "data_sha256": ckpt.sha256(Path(args.data)),
         "num_pairs": n,
         "pairs_in_file": len(ds),
         "target_tokens": tokens,
@@ -202,7 +190,7 @@ def run(argv) -> int:
         "max_target_length": max_target_length,
         "precision": precision,
         "decoding": {**options, "seed": args.seed, "batch_size": args.batch_size},
-        "metrics": {k: finite_or_none(v) for k, v in metrics.items()},
+        "metrics": metrics,  # written as strict JSON: a perplexity that overflowed becomes null
     }
     samples = [{"context": history, "reference": reference, "response": response}
                for (history, reference), response in zip(pairs, responses, strict=True)]

@@ -205,7 +205,7 @@ def test_a_malicious_training_state_is_refused_and_never_runs(reference, tiny_mo
         (path / ckpt.STATE).write_bytes(pickle.dumps({"step": 1, "evil": Payload()}, protocol=2))
         # An attacker controls the whole folder, manifest included.
         manifest = json.loads((path / ckpt.MANIFEST).read_text())
-        manifest["files"][ckpt.STATE] = ckpt._sha256(path / ckpt.STATE)
+        manifest["files"][ckpt.STATE] = ckpt.sha256(path / ckpt.STATE)
         (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume"))
