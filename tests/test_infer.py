@@ -221,14 +221,20 @@ def test_one_shot_into_a_closed_pipe_ends_quietly(tiny_model):
     assert_quiet_exit(p, err)
 
 
-@pytest.mark.slow
-def test_piped_lines_end_quietly_when_the_reader_leaves(tiny_model):
-    # `yes "How are you?" | python infer.py | head -1`: the reader takes one answer and closes the pipe.
+def piped_infer_answered_once(tiny_model) -> subprocess.Popen:
+    """`python infer.py` reading piped lines, after its answer to the first one has arrived."""
     p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
     p.stdin.write(b"Hello there .\n")
     p.stdin.flush()
-    assert p.stdout.readline()  # each answer arrives as soon as it is written, even into a pipe
+    assert p.stdout.readline()
+    return p
+
+
+@pytest.mark.slow
+def test_piped_lines_end_quietly_when_the_reader_leaves(tiny_model):
+    # `yes "How are you?" | python infer.py | head -1`: the reader takes one answer and closes the pipe.
+    p = piped_infer_answered_once(tiny_model)  # each answer arrives as soon as it is written, even into a pipe
     p.stdout.close()
     p.stdin.write(b"How are you ?\n" * 3)
     p.stdin.close()
@@ -400,11 +406,7 @@ def test_ctrl_c_at_the_chat_prompt_leaves_quietly(tiny_model):
 
 @pytest.mark.slow
 def test_ctrl_c_while_answering_piped_lines_is_one_line_and_130(tiny_model):
-    p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
-    p.stdin.write(b"Hello there .\n")
-    p.stdin.flush()
-    assert p.stdout.readline()  # inside the program now, waiting for the next line
+    p = piped_infer_answered_once(tiny_model)  # inside the program now, waiting for the next line
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 130
