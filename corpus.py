@@ -31,12 +31,7 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -44,6 +39,7 @@ from pathlib import Path
 
 import hub
 from cli import UserError
+from files import describe_os_error, first_line, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
 from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
 
 REPO_ID = "roskoN/dailydialog"
@@ -58,7 +54,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "dailydialog"
 MANIFEST = "download_info.json"
 ACT_LABELS = {"1", "2", "3", "4"}
 EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class HubUnreachable(UserError):
@@ -142,48 +137,11 @@ _dedupe = dedupe  # download() has a flag of the same name
 
 # --- writing ---------------------------------------------------------------
 
-def _fault(path: Path) -> None:
-    """Test hook: DOWNLOAD_FAULT="enospc@NAME" fails the write of file NAME as a full disk would.
-
-    Used where no small filesystem can be mounted to fill up for real; unset, it does nothing.
-    """
-    for item in filter(None, os.environ.get("DOWNLOAD_FAULT", "").split(",")):
-        action, _, name = item.partition("@")
-        if action == "enospc" and name == path.name:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def write_atomic(path: Path, lines) -> None:
-    """Write lines to path via a temporary file in the same directory and a
-    rename, so path is either absent, the old file, or the complete new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-            _fault(path)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:  # incl. KeyboardInterrupt and a full disk: never leave the .part
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _remove_stale_parts(out: Path) -> None:
-    # A hard kill (SIGKILL, power loss) skips write_atomic's cleanup.
-    for part in out.glob(".*.part"):
-        with contextlib.suppress(OSError):
-            part.unlink()
-
-
 def _cannot_write(path: Path, e: OSError) -> UserError:
-    if e.errno in DISK_FULL:
-        return UserError(f"disk full while writing {path}; nothing half-written was kept: free some space "
+    if is_disk_full(e):
+        return UserError(f"{describe_os_error(e, path)}; nothing half-written was kept: free some space "
                          f"(or choose another --out) and re-run")
-    return UserError(f"cannot write {path} ({e.strerror or _first_line(e)}); check that --out is writable")
+    return UserError(f"cannot write {path} ({describe_os_error(e)}); check that --out is writable")
 
 
 def _write_outputs(out: Path, dialogues: dict[str, list[str]], manifest: dict, log) -> None:
@@ -191,34 +149,19 @@ def _write_outputs(out: Path, dialogues: dict[str, list[str]], manifest: dict, l
     path = out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale_parts(out)
+        remove_stale_parts(out)
         (out / MANIFEST).unlink(missing_ok=True)  # the data is incomplete until rewritten
         for split in SPLITS:
             path = out / f"{split}.txt"
-            write_atomic(path, dialogues[split])
+            write_atomic(path, (line + "\n" for line in dialogues[split]))
             log(f"  wrote {path} ({len(dialogues[split])} dialogues)")
         path = out / MANIFEST
-        write_atomic(path, json.dumps(manifest, indent=2).splitlines())
+        write_atomic(path, json.dumps(manifest, indent=2) + "\n")
     except OSError as e:
         raise _cannot_write(path, e) from None
 
 
 # --- fetching --------------------------------------------------------------
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    # The hub client may wrap the OSError of a failed write in its own error.
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
 
 def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path:
     from huggingface_hub import constants, hf_hub_download
@@ -235,7 +178,7 @@ def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path
         if offline:
             raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {split}.zip of {where} is not in the local Hugging Face "
                                  f"cache; unset HF_HUB_OFFLINE and run with internet, or pass --from-dir") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({_first_line(e)}); "
+        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
                              f"check your connection") from None
     except RevisionNotFoundError:
         raise UserError(f"revision {revision!r} does not exist in {REPO_ID}; check --revision") from None
@@ -245,11 +188,11 @@ def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path
     except EntryNotFoundError:
         raise UserError(f"{split}.zip not found in {where}; the repo layout changed, try another --revision") from None
     except Exception as e:  # network stacks raise many types; report, don't trace
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise UserError(f"disk full while downloading {split}.zip into the Hugging Face cache "
                             f"{constants.HF_HUB_CACHE}; free some space there (or point HF_HUB_CACHE at "
                             f"another disk) and re-run") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({_first_line(e)}); "
+        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
                              f"check your connection and retry") from None
 
 
@@ -268,18 +211,11 @@ def _commit_of(zip_path: Path) -> str | None:
     return zip_path.parent.name if zip_path.parent.parent.name == "snapshots" else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()  # the zips are ~2 MB
-
-
 # --- the whole job ---------------------------------------------------------
 
 def _manifest(out: Path) -> dict | None:
-    try:
-        info = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # no manifest: never finished
-    if not isinstance(info, dict) or not all((out / f"{s}.txt").is_file() for s in SPLITS):
+    info = read_json(out / MANIFEST)  # {} when absent: never finished
+    if not info or not all((out / f"{s}.txt").is_file() for s in SPLITS):
         return None
     return info
 
@@ -338,7 +274,7 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
 
     manifest = {**wanted, "commit": commit, "dropped_by_dedupe": dropped,
                 "counts": {s: len(d) for s, d in dialogues.items()},
-                "zip_sha256": {s: _sha256(z) for s, z in zips.items()},
+                "zip_sha256": {s: sha256(z) for s, z in zips.items()},
                 "license": "CC BY-NC-SA 4.0"}
     _write_outputs(out, dialogues, manifest, log)
     log(LICENSE + " It is downloaded for your use; do not redistribute it with this project.")

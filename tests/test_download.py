@@ -145,7 +145,7 @@ def test_interrupted_write_leaves_old_file_and_no_part(tmp_path):
         dl.write_atomic(target, lines())
     assert target.read_text() == "old\n"
     assert list(tmp_path.iterdir()) == [target]
-    dl.write_atomic(target, ["a __eou__ ", "b __eou__ "])
+    dl.write_atomic(target, ["a __eou__ \n", "b __eou__ \n"])
     assert target.read_text() == "a __eou__ \nb __eou__ \n"
 
 
@@ -415,10 +415,10 @@ def assert_clean_after_disk_full(out, capsys, name):
 def test_disk_full_while_writing_keeps_nothing_half_written(zips, tmp_path, capsys, monkeypatch, name):
     out = tmp_path / "out"
     assert run_main(zips, out) == 0
-    monkeypatch.setenv("DOWNLOAD_FAULT", f"enospc@{name}")  # where no small disk can be mounted
+    monkeypatch.setenv("FAULT", f"enospc:write@{name}")  # where no small disk can be mounted
     assert run_main(zips, out, "--force") == 2
     assert_clean_after_disk_full(out, capsys, name)  # written files without a manifest never pass for complete
-    monkeypatch.delenv("DOWNLOAD_FAULT")
+    monkeypatch.delenv("FAULT")
     assert run_main(zips, out) == 0 and dl.available(out)
 
 
