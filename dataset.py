@@ -159,10 +159,16 @@ def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, m
     return out, truncated
 
 
-# Text read with errors="surrogateescape" (a terminal in the C locale) carries
-# lone surrogates, which the tokenizer cannot take; they stand for bytes that
-# were not UTF-8, so they become the replacement character.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def as_text(text: str) -> str:
+    """Text the tokenizer takes: bytes that were not UTF-8 become U+FFFD.
+
+    Python hands undecodable bytes of the command line and of a terminal in
+    the C locale over as lone surrogates, which the tokenizer refuses with a TypeError.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list[int]:
@@ -173,7 +179,7 @@ def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list
     that a 100,000-character prompt does not cost a long tokenization.
     """
     char_cap = max_length * 16  # far more characters than max_length tokens need
-    turns = [_LONE_SURROGATE.sub("\ufffd", " ".join(t.split())[-char_cap:]) for t in history]
+    turns = [as_text(" ".join(t.split())[-char_cap:]) for t in history]
     turns = [t for t in turns if t]
     if not turns:
         raise ValueError("empty prompt: type some text")

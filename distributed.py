@@ -15,6 +15,12 @@ import torch
 import torch.distributed as dist
 
 from cli import UserError, pick_device
+from files import first_line
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no torchrun), known before `setup`: the output dir is locked before anything is loaded."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def setup(device_flag: str):
@@ -36,8 +42,7 @@ def setup(device_flag: str):
     try:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
     except dist.DistError as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({reason}); "
+        raise UserError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({first_line(e)}); "
                         f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
     return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
@@ -50,17 +55,6 @@ def barrier(world: int):
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def lost_contact(e: RuntimeError) -> str | None:
-    """One line for a collective that failed because another rank died; None for other errors."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
-        return None
-    reason = str(e).strip().splitlines()[0].split(". ")[0][:200]
-    return (f"rank {dist.get_rank()}: lost contact with the other processes ({reason}); another rank probably "
-            "failed first: see its message (torchrun names it under 'Root Cause')")
 
 
 def check_same_everywhere(what: str, value, world: int):

@@ -24,6 +24,7 @@ token, ``</s>`` included, padding excluded.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -31,12 +32,15 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
-from cli import OneLineParser, UserError, pick_device, run_script
+import cli
+from cli import OneLineParser, UserError, check_positive, pick_device, run_script
 from dataset import DailyDialogDataset, collate, encode_history, read_dialogues
-from generation import (DEFAULT_DIR, add_generation_args, find_checkpoint, generate_ids, generation_options, load,
-                        max_input_length)
+from files import make_writable_dir, sha256, write_json_atomic
+from generation import DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generation_options, max_input_length
 from metrics import compute_metrics, format_table, perplexity
-from models import add_precision_arg, autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
+from models import autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
+
+warn = functools.partial(cli.warn, "eval.py")
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
 
@@ -92,9 +96,7 @@ def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
 
 def build_parser():
     p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.")
-    p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/; "
-                        "a damaged one is skipped for the next good one)")
+    cli.add_checkpoint_arg(p, DEFAULT_DIR)
     p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
     p.add_argument("--out", default=None,
@@ -102,8 +104,8 @@ def build_parser():
                         f"e.g. {DEFAULT_DIR}/eval/checkpoint-00001000; not inside it, since a running train.py deletes "
                         "old checkpoint folders with all they hold)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per generation (and perplexity) batch")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    add_precision_arg(p)
+    cli.add_device_arg(p)
+    cli.add_precision_arg(p)
     add_generation_args(p)
     return p
 
@@ -120,14 +122,10 @@ def default_out(checkpoint: Path) -> Path:
     return full.parent / "eval" / full.name
 
 
-def warn(message: str):
-    print(f"eval.py: {message}", file=sys.stderr)
-
-
 def prepare_out(out: Path):
     """Create --out and check it takes files, before the minutes of generation rather than after."""
     try:
-        ckpt.make_writable_dir(out)
+        make_writable_dir(out)
     except OSError as e:
         raise UserError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
 
@@ -137,7 +135,7 @@ def write_outputs(out: Path, report: dict, samples: list[dict]):
         with open(out / "samples.jsonl", "w") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
-        ckpt.write_json_atomic(out / "report.json", report)  # last: its presence means the run finished
+        write_json_atomic(out / "report.json", report)  # last: its presence means the run finished
     except OSError as e:
         raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); the metrics are printed above, "
                         "the samples are lost: pass another folder with --out") from None
@@ -146,23 +144,15 @@ def write_outputs(out: Path, report: dict, samples: list[dict]):
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     options = generation_options(args)  # a bad decoding flag fails before any loading
-    if args.max_examples is not None and args.max_examples <= 0:
-        raise UserError(f"--max-examples must be positive, got {args.max_examples}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    check_positive(args, "max_examples", "batch_size")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     set_math_mode(device, precision)
-    path = find_checkpoint(args.checkpoint, warn=warn)
-    out = Path(args.out) if args.out else default_out(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file; pass a folder path")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is an existing file; pass a folder path")
     read_dialogues(args.data)  # DataError before minutes of model loading, not after
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the library's "loading weights" bar would crowd ours
-    model, tokenizer = load(path, device, verified=True)
+    path, model, tokenizer = find_and_load(args.checkpoint, device, warn)
+    out = Path(args.out) if args.out else default_out(path)
     max_length = max_input_length(path)
     max_target_length = int(ckpt.read_run_config(path).get("max_target_length", 128))
     ds = DailyDialogDataset(tokenizer, args.data, max_length, max_target_length)
@@ -182,7 +172,7 @@ def run(argv) -> int:
     report = {
         "checkpoint": str(path),
         "data": str(args.data),
-        "data_sha256": ckpt.sha256(Path(args.data)),
+        "data_sha256": sha256(args.data),
         "num_pairs": n,
         "pairs_in_file": len(ds),
         "target_tokens": tokens,
@@ -204,7 +194,7 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_script("eval.py", run, argv)
+    return run_script("eval.py", run, argv, out_of_memory="lower --batch-size or --num-beams")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Decoding, shared by infer.py and eval.py: finding and loading a checkpoint, the flags, `generate`.
+"""Decoding, shared by infer.py and eval.py: loading a checkpoint, the decoding flags, `generate`.
 
 Every input is built by `dataset.encode_history`, the function training used,
 so the model sees conversations in the format it learned.
@@ -21,94 +21,36 @@ DEFAULT_DIR = "checkpoints"
 # ---------------------------------------------------------------- loading
 
 
-IN_FLIGHT = (ckpt.TMP_PREFIX + ckpt.PREFIX, ckpt.TRASH_PREFIX + ckpt.PREFIX)  # a running train.py's saves and prunes
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """None when ``path`` holds a complete model, else what is wrong with it (a few words)."""
-    if path.name.startswith(IN_FLIGHT):
-        return "a folder train.py is writing or deleting, not a checkpoint"
-    if not (path / "config.json").is_file():
-        return "config.json is missing"
-    if not (path / "model.safetensors").is_file() and not any(path.glob("model-*.safetensors")):
-        return "model.safetensors is missing"
-    if (path / ckpt.MANIFEST).exists():  # train.py wrote it: every file must match its hash
-        problem = ckpt.verify(path)
-        return problem and problem.removeprefix(f"{path.name}: ")
-    return None  # a save_pretrained folder: nothing recorded to check against
-
-
-def refuse(path: Path, problem: str):
-    raise UserError(f"checkpoint {path}: {problem}; pass another checkpoint with --checkpoint, or retrain")
-
-
-def looks_like_checkpoint(path: Path) -> bool:
-    """A model folder (to load or refuse) rather than an output dir (to pick from)."""
-    name = path.name
-    return ((path / "config.json").exists() or (path / ckpt.MANIFEST).exists() or name.startswith(IN_FLIGHT)
-            or (name.startswith(ckpt.PREFIX) and name[len(ckpt.PREFIX):].isdigit()))
-
-
-def candidates(output_dir: Path) -> list[Path]:
-    """Checkpoints of an output dir in the order to try them: best, latest, then newest first.
-
-    Only committed ``checkpoint-<step>`` folders count: the index is a hint
-    (it may be stale or edited), and a running train.py's ``.tmp-*`` and
-    ``.trash-*`` folders are half written or half deleted.
-    """
-    committed = ckpt.list_checkpoints(output_dir)
-    by_name = {p.name: p for p in committed}
-    index = ckpt.read_index(output_dir)
-    named = [by_name[n] for n in (index.get("best"), index.get("latest")) if isinstance(n, str) and n in by_name]
-    return list(dict.fromkeys(named + committed[::-1]))
-
-
-def find_checkpoint(checkpoint=None, output_dir=DEFAULT_DIR, warn=None) -> Path:
-    """--checkpoint DIR (a checkpoint, or an output dir), else the best, else the latest good one.
-
-    A damaged checkpoint named directly is an error; in an output dir it is
-    skipped for the next good one (as resuming does) and ``warn`` gets one
-    line saying which and why.
-    """
-    path = Path(checkpoint or output_dir)
-    if not path.is_dir():
-        if checkpoint:
-            raise UserError(f"--checkpoint {path}: no such folder; "
-                            "pass a checkpoint folder such as checkpoints/checkpoint-00001000")
-        raise UserError(f"no checkpoint found in {path}/; train one with `python train.py` or pass --checkpoint DIR")
-    if looks_like_checkpoint(path):
-        problem = checkpoint_problem(path)
-        if problem:
-            refuse(path, problem)
-        return path
-    skipped = []
-    for candidate in candidates(path):
-        problem = checkpoint_problem(candidate)
-        if problem is None:
-            if skipped and warn:
-                warn(f"warning: skipped {'; '.join(skipped)}; using {candidate.name}")
-            return candidate
-        skipped.append(f"{candidate.name}: {problem}")
-    if skipped:
-        raise UserError(f"no usable checkpoint in {path} ({'; '.join(skipped)}); pass a good one with --checkpoint, or retrain")
-    raise UserError(f"{path} holds no model (no config.json and no checkpoint-* folder); "
-                     "pass a checkpoint folder with --checkpoint, or train one with `python train.py`")
-
-
 def load(path: Path, device, verified: bool = False):
     """Model (safetensors only, no remote code) and tokenizer of a checkpoint.
 
-    ``verified``: `find_checkpoint` already checked it (hashing a large model twice is wasted seconds).
+    ``verified``: `checkpoint.find` already checked it (hashing a large model twice is wasted seconds).
     """
     from transformers.utils import logging as hf_logging
 
-    problem = None if verified else checkpoint_problem(path)
+    problem = None if verified else ckpt.problem_of(path)
     if problem:
-        refuse(path, problem)
+        ckpt.refuse(path, problem)
     hf_logging.set_verbosity_error()  # loading reports go to our one-line errors instead
     hf_logging.disable_progress_bar()  # stderr stays quiet: a reply, or one line of error
     model, tokenizer = models.load_checkpoint(path)
     return model.to(device).eval(), tokenizer
+
+
+def find_and_load(checkpoint, device, warn, output_dir=DEFAULT_DIR):
+    """(path, model, tokenizer) of --checkpoint, else of the best or latest good checkpoint in ``output_dir``.
+
+    A running train.py may prune the checkpoint chosen here before it is
+    loaded; when the folder is gone by then, choose again rather than call it damaged.
+    """
+    while True:
+        path = ckpt.find(checkpoint, output_dir, warn=warn)
+        try:
+            return (path, *load(path, device, verified=True))
+        except UserError:
+            if path.exists():
+                raise
+            warn(f"note: {path.name} was pruned by a running train.py while loading; choosing again")
 
 
 def max_input_length(path: Path) -> int:

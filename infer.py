@@ -12,17 +12,18 @@ training used, so the model sees the conversation in the format it learned.
 
 from __future__ import annotations
 
-import re
+import functools
 import sys
 
 import torch
 
+import cli
 from cli import OneLineParser, UserError, pick_device, run_script
-from dataset import encode_history
-from generation import DEFAULT_DIR, add_generation_args, find_checkpoint, generate_ids, generation_options, load, max_input_length
-from models import add_precision_arg, autocast, resolve_precision, set_math_mode
+from dataset import as_text, encode_history
+from generation import DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generation_options, max_input_length
+from models import autocast, resolve_precision, set_math_mode
 
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+warn = functools.partial(cli.warn, "infer.py")
 
 
 def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
@@ -34,19 +35,6 @@ def generate_response(text, model, tokenizer, device, history=None, max_length=5
 
 
 # ---------------------------------------------------------------- CLI
-
-
-def warn(message: str):
-    print(f"infer.py: {message}", file=sys.stderr)
-
-
-def as_text(text: str) -> str:
-    """Text the tokenizer takes: bytes that were not UTF-8 become U+FFFD.
-
-    Python hands undecodable bytes of the command line and the terminal over
-    as lone surrogates, which the tokenizer refuses with a TypeError.
-    """
-    return LONE_SURROGATE.sub("\ufffd", text)
 
 
 def chat(model, tokenizer, device, max_length, options):
@@ -99,11 +87,9 @@ def answer_lines(lines, model, tokenizer, device, max_length, options):
 def build_parser():
     p = OneLineParser(prog="infer.py", description="Talk to a fine-tuned T5 dialogue checkpoint.")
     p.add_argument("prompt", nargs="?", default=None, help="one message to answer; omit for chat (or piped lines)")
-    p.add_argument("--checkpoint", default=None,
-                   help=f"checkpoint folder, or an output dir (default: best, else latest in {DEFAULT_DIR}/; "
-                        "a damaged one is skipped for the next good one)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    add_precision_arg(p)
+    cli.add_checkpoint_arg(p, DEFAULT_DIR)
+    cli.add_device_arg(p)
+    cli.add_precision_arg(p)
     add_generation_args(p)
     return p
 
@@ -117,8 +103,7 @@ def run(argv) -> int:
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     set_math_mode(device, precision)
-    path = find_checkpoint(args.checkpoint, warn=warn)
-    model, tokenizer = load(path, device, verified=True)
+    path, model, tokenizer = find_and_load(args.checkpoint, device, warn)
     max_length = max_input_length(path)
     torch.manual_seed(args.seed)
     with autocast(device, precision):
@@ -134,7 +119,7 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
-    return run_script("infer.py", run, argv)
+    return run_script("infer.py", run, argv, out_of_memory="lower --num-beams or --max-new-tokens, or use --device cpu")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import fast_dropout
 import hub
 from cli import UserError
+from files import first_line
 from dataset import SEPARATOR, read_dialogues
 
 DEFAULT_MODEL = "t5-small"
@@ -33,10 +34,6 @@ GENERATION_DEFAULTS = dict(max_new_tokens=64, num_beams=1, do_sample=False, top_
 # A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
 # with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
 SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
-
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 # ---------------------------------------------------------------- loading
@@ -154,13 +151,6 @@ def token_loss_sum(model, batch):
 # ---------------------------------------------------------------- precision
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-
-
-def add_precision_arg(parser):
-    """--precision, shared by train.py, infer.py and eval.py."""
-    parser.add_argument("--precision", default="auto", metavar="{auto,fp32,tf32,bf16}",
-                        help="auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, tf32 (fp32 with TF32 matmuls, "
-                             "CUDA) or bf16 (autocast; weights stay fp32). fp16 is refused: T5's activations overflow it")
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -9,22 +9,12 @@ null, so any JSON parser reads the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
+from files import strict, write_atomic
+
 METRICS = "metrics.jsonl"
-
-
-def strict(value):
-    """JSON has no NaN or Infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    return value
 
 
 def append(out: Path, row: dict):
@@ -45,18 +35,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics(out: Path, step: int, tmp_prefix: str = ".tmp-"):
+def truncate_metrics(out: Path, step: int):
     """Drop metric rows past the checkpoint we resume from (they will be redone)."""
     path = out / METRICS
     if path.exists():
-        keep = [json.dumps(r) for r in read_metrics(path) if r["step"] <= step]
-        tmp = path.with_name(tmp_prefix + METRICS)
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        write_atomic(path, [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step])
 
 
 def plot_losses(out: Path):
-    """metrics.jsonl -> loss.png with training and validation loss curves."""
+    """metrics.jsonl -> loss.png with training and validation loss curves.
+
+    Redrawn at every validation while training runs, so it is written under a
+    temporary name and renamed: an image viewer never opens half a PNG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,5 +66,10 @@ def plot_losses(out: Path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
+    tmp = out / ".tmp-loss.png"
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out / "loss.png")
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -5,21 +5,21 @@
     python train.py --resume                      # continue after a crash or Ctrl-C
     torchrun --nproc_per_node 2 train.py ...      # data parallel, same checkpoints
 
-Top to bottom: flags and their checks -> `run` (data, model, state) -> `fit`,
-the loop, with `train_step`, `evaluate`, logging and `save` beside it.
-Checkpoints are written by checkpoint.py (atomic, verified); the state dict
-that `fit` updates is exactly what a checkpoint saves and `--resume` loads.
+Top to bottom: `run`, a table of contents (output dir, data, model, state,
+restore, fit, finish) -> `fit`, the loop, with `train_step`, `evaluate`,
+logging and `save` beside it. The flags live in flags.py, checkpoints in
+checkpoint.py (atomic, verified). The part of `state` listed in SAVED is
+exactly what a checkpoint saves and `--resume` loads.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import os
 import random
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,89 +27,122 @@ import torch
 import checkpoint as ckpt
 import corpus
 import distributed
+import flags
 import models
+import modelcard
+import outdir
 import runlog
-from cli import OneLineParser, UserError, fresh_line, run_script
+from cli import UserError, run_script
 from dataset import collate, collated_steps, read_dialogues, token_budget_batches
+from files import fault
 
 ROOT = Path(__file__).resolve().parent
+SAVED = ("step", "epoch", "batch", "step_offset", "best_val_loss", "best_step")  # the state a checkpoint carries
 
 
-# ---------------------------------------------------------------- flags
+def main(argv=None) -> int:
+    try:
+        return run_script("train.py", run, argv, rerun="rerun with --resume (the last checkpoint is intact)",
+                          out_of_memory="lower --max-tokens (and raise --grad-accum to keep the step size), "
+                                        "then rerun with --resume")
+    finally:
+        distributed.shutdown()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
-    a = p.add_argument
-    a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; "
-                                                    "'scratch' trains a small T5 from scratch")
-    a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, downloaded when "
-                                         "the hub answers, else the demo sample)")
-    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, "
-                                       "else --val-share of it)")
-    a("--val-share", type=float, default=0.05, help="with no validation file, hold out this share of whole dialogues (seeded)")
-    a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
-    a("--output-dir", default="checkpoints", help="where checkpoints, metrics.jsonl and the loss plot go")
-    a("--resume", action="store_true", help="continue from the newest good checkpoint in --output-dir")
-    a("--epochs", type=int, default=3, help="passes over the training data")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    a("--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not applied to biases and layer norms)")
-    a("--warmup-ratio", type=float, default=0.05, help="share of all steps spent warming the learning rate up from 0")
-    a("--max-tokens", type=int, default=2048, help="token budget of a batch: rows x (longest input + longest target)")
-    a("--grad-accum", type=int, default=1, help="batches whose gradients are summed before one optimizer step")
-    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this value (0 disables)")
-    a("--max-length", type=int, default=512, help="input tokens; older turns are dropped first")
-    a("--max-target-length", type=int, default=128, help="target tokens; longer responses are cut")
-    a("--eval-every", type=int, default=500, help="validation loss every N steps (and at each epoch end)")
-    a("--save-every", type=int, default=500, help="checkpoint every N steps (and at each epoch end)")
-    a("--keep", type=int, default=2, help="keep the newest K checkpoints (the best is kept too)")
-    a("--log-every", type=int, default=10, help="log loss, lr, grad norm and tokens/s every N steps")
-    a("--seed", type=int, default=42, help="seed of initialisation, data order and dropout")
-    a("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    models.add_precision_arg(p)
-    a("--attention", choices=("auto", "eager", "sdpa"), default="auto",
-      help="attention kernel: auto = sdpa on CUDA, eager on CPU (where fast dropout brings its own; sdpa turns that off)")
-    a("--compile", action="store_true", help="torch.compile the model (on a 2-core CPU it measured slower; see bench/README.md)")
-    a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
-      help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; 1.3x faster here)")
-    a("--scratch-vocab-size", type=int, default=8000, help="vocabulary of the tokenizer trained for --model scratch")
-    a("--eval-generate", type=int, default=0, help="at the end, generate for the first N validation pairs and write eval metrics")
-    a("--log-examples", action="store_true", help="debug: record each step's example indices in metrics.jsonl")
-    return p
+def run(argv) -> int:
+    args, typed = flags.parse(argv)
+    out, lock, resume_from, damaged = outdir.open_run_dir(args.output_dir, args.resume, distributed.is_main_process())
+    if resume_from:
+        typed = flags.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
+    flags.check_args(args)
+    rank, world, device = distributed.setup(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    for message in damaged:
+        log(message)
+    precision = models.resolve_precision(args.precision, device)
+    data_note = choose_data(args, rank, world, log)
+    model, tokenizer, saved = load_model(args, typed, resume_from, log)
+    log(data_note)
+    train_ds, val_ds = corpus.load_datasets(args, tokenizer)
+    distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
+    if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
+        lock = outdir.take(out, args.resume, lock, log)
+    r, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
+    if saved is not None:
+        restore(state, saved, r, resume_from, typed)
+    r = replace(r, total_steps=total_steps(args, train_ds, world) + state["step_offset"])
+    if saved is not None and state["step"] >= r.total_steps:
+        raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
+                        "raise --epochs or --max-steps to train longer")
+    if rank == 0:
+        runlog.truncate_metrics(out, state["step"])  # rows past the checkpoint (or all, starting over) are redone
+        outdir.sign(lock)
+    banner(r, model)
+    code = fit(state, r)
+    if code == 0 and rank == 0:
+        finish(state, r)
+    return code
 
 
-def typed_flags(argv) -> set[str]:
-    """The flags the user actually typed (so --resume can reuse the others)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
+def choose_data(args, rank: int, world: int, log) -> str:
+    """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
+    if rank == 0:
+        choice = corpus.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
+    distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
+    if rank > 0:
+        choice = corpus.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
+    args.train_file, args.val_file = choice.train_file, choice.val_file  # recorded in run_config.json as chosen
+    for path in filter(None, (args.train_file, args.val_file)):
+        read_dialogues(path)  # a bad data file fails now, not after the model has loaded
+    return choice.note(args.val_share, args.seed)
 
 
-def check_args(args):
-    """Refuse contradictory or impossible settings before any work starts."""
-    positive = {"--lr": args.lr, "--epochs": args.epochs, "--max-tokens": args.max_tokens, "--grad-accum": args.grad_accum,
-                "--eval-every": args.eval_every, "--save-every": args.save_every, "--keep": args.keep,
-                "--log-every": args.log_every, "--max-length": args.max_length, "--max-target-length": args.max_target_length}
-    if args.max_steps is not None:
-        positive["--max-steps"] = args.max_steps
-    for flag, value in positive.items():
-        if not value > 0:
-            raise UserError(f"{flag} must be positive, got {value}")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UserError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0 < args.val_share < 1:
-        raise UserError(f"--val-share must be between 0 and 1 (e.g. 0.05), got {args.val_share}")
-    if args.max_grad_norm < 0 or args.weight_decay < 0 or args.eval_generate < 0:
-        raise UserError("--max-grad-norm, --weight-decay and --eval-generate cannot be negative")
-    if args.scratch_vocab_size < models.MIN_SCRATCH_VOCAB:
-        raise UserError(f"--scratch-vocab-size must be at least {models.MIN_SCRATCH_VOCAB}, got {args.scratch_vocab_size}")
-    if args.max_tokens < args.max_length + args.max_target_length:
-        raise UserError(f"--max-tokens {args.max_tokens} cannot hold one example of --max-length + --max-target-length "
-                        f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")
-    if not args.output_dir.strip():
-        raise UserError("--output-dir is empty; name a folder, e.g. --output-dir checkpoints")
+def load_model(args, typed: set[str], resume_from: Path | None, log):
+    """(model, tokenizer, saved training state or None): the checkpoint resumed, else --model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the library's loading and saving bars would drown ours
+    if resume_from:
+        return (*models.load_checkpoint(resume_from), ckpt.load_training_state(resume_from))
+    model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, args.train_file,
+                                                       args.scratch_vocab_size, args.seed, log)
+    return model, tokenizer, None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What stays fixed while `fit` runs: flags, data, device, ranks, and the model as the loop calls it."""
+
+    args: object
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    log: object
+    precision: str
+    tokenizer: object
+    train_ds: object
+    val_ds: object
+    forward: object  # the model, DDP-wrapped and/or compiled
+    total_steps: int = 0
+
+
+def setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds):
+    """The fixed `Run` and a fresh `state`: the model on its device, wrapped for DDP and compile, and its optimizer."""
+    torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
+    random.seed(args.seed)
+    model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
+    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:  # after DDP, so gradient all-reduce overlaps the compiled backward
+        forward = torch.compile(forward)
+    r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward)
+    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
+             "step_offset": 0, "best_val_loss": None, "best_step": None,
+             # The loop's own bookkeeping, never saved:
+             "saved_step": None,  # the step of the last checkpoint this process wrote or resumed from
+             "val_at": {},  # step -> validation loss measured at that step
+             "first_bad_step": torch.full((), math.inf, device=device)}  # first step with a non-finite loss or gradient
+    return r, state
 
 
 # ---------------------------------------------------------------- data
@@ -134,113 +167,7 @@ def plan_key(args, train_ds) -> dict:
             "max_length": args.max_length, "max_target_length": args.max_target_length, "seed": args.seed}
 
 
-# ---------------------------------------------------------------- main
-
-
-def main(argv=None) -> int:
-    try:
-        return run_script("train.py", run, argv)
-    except OSError as e:  # e.g. the disk filled up while appending metrics or drawing the plot
-        fresh_line()
-        print(f"train.py: error: {ckpt.describe_os_error(e)}; the last checkpoint is intact: "
-              "free space or fix permissions, then rerun with --resume", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        fresh_line()
-        print("train.py: error: out of GPU memory; lower --max-tokens (and raise --grad-accum to keep the step size), "
-              "then rerun with --resume", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # under torchrun: another rank died or stopped answering
-        message = distributed.lost_contact(e)
-        if message is None:
-            raise
-        print(f"\ntrain.py: error: {message}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
-
-
-def run(argv) -> int:
-    args, typed = build_parser().parse_args(argv), typed_flags(argv)
-    out = Path(args.output_dir)
-    # Rank 0 locks an existing output dir before reading it: another run may be pruning it right now.
-    early_lock = ckpt.lock_output_dir(out) if os.environ.get("RANK", "0") == "0" and args.output_dir.strip() and out.is_dir() \
-        else None
-    damaged: list[str] = []  # reported once we know which rank logs
-    resume_from = ckpt.newest_valid(out, warn=damaged.append) if args.resume else None
-    if resume_from:
-        typed = ckpt.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
-    check_args(args)
-    rank, world, device = distributed.setup(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    precision = models.resolve_precision(args.precision, device)  # a refused flag leaves --output-dir untouched
-    lock = ckpt.prepare_output_dir(out, args.resume, rank == 0, log, early_lock)  # held until the process ends
-    for message in damaged:
-        log(message)
-    if args.resume and resume_from is None:
-        raise UserError(f"--resume: no checkpoint in {out} verifies (all damaged); start a new run with another --output-dir")
-    if rank == 0:
-        data_note = corpus.choose_data(args, may_download=True, log=log)
-    distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
-    if rank > 0:
-        data_note = corpus.choose_data(args, may_download=False, log=log)
-    for path in filter(None, (args.train_file, args.val_file)):
-        read_dialogues(path)  # a bad data file fails now, not after the model has loaded
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the library's loading and saving bars would drown ours
-
-    if resume_from:
-        model, tokenizer = models.load_checkpoint(resume_from)
-        saved = ckpt.load_training_state(resume_from)
-    else:
-        model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, args.train_file,
-                                                           args.scratch_vocab_size, args.seed, log)
-        saved = None
-    log(data_note)
-    train_ds, val_ds = corpus.load_datasets(args, tokenizer)
-
-    distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
-    torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
-    random.seed(args.seed)
-    model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
-    r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds)
-    r.forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if args.compile:  # after DDP, so gradient all-reduce overlaps the compiled backward
-        r.forward = torch.compile(r.forward)
-    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
-             "step_offset": 0, "best_val_loss": None, "best_step": None}
-    if saved is not None:
-        restore(state, saved, r, resume_from, typed)
-    r.total_steps = total_steps(args, train_ds, world) + state["step_offset"]
-    if saved is not None and state["step"] >= r.total_steps:
-        raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
-                        "raise --epochs or --max-steps to train longer")
-    if rank == 0:  # rows past the checkpoint (or all, when starting over) are stale
-        runlog.truncate_metrics(out, saved["step"] if saved else 0, ckpt.TMP_PREFIX)
-    r.saved_step = state["step"] if saved is not None else None
-    if lock is not None:
-        ckpt.sign_lock(lock)
-    banner(r, model, r.total_steps, precision)
-    code = fit(state, r)
-    if code == 0 and rank == 0:
-        finish(state, r)
-    del lock
-    return code
-
-
-class Run:
-    """What stays fixed while `fit` runs: flags, data, device, ranks, and the model as called."""
-
-    def __init__(self, args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds):
-        self.args, self.out, self.device, self.rank, self.world, self.log = args, out, device, rank, world, log
-        self.precision, self.tokenizer, self.train_ds, self.val_ds = precision, tokenizer, train_ds, val_ds
-        self.forward = None  # the model as the loop calls it (compiled and/or DDP-wrapped)
-        self.total_steps = 0
-        self.saved_step = None
-        self.val_at = {}  # step -> validation loss measured at that step
-        self.first_bad_step = torch.full((), math.inf, device=device)  # first step with a non-finite loss or gradient
+# ---------------------------------------------------------------- optimizer, schedule, resume
 
 
 def make_optimizer(model, args, device):
@@ -289,12 +216,10 @@ def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
     fused = r.device.type == "cuda"
     for group, decay in zip(state["optimizer"].param_groups, (args.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, fused=fused, foreach=not fused)  # this run's settings, not the saved ones
-    before, now = saved.get("batches_per_step") or args.grad_accum * r.world, args.grad_accum * r.world
-    batch = saved["batch"] if "batch" in saved else saved["position"] * before  # older checkpoints counted steps
-    state.update(step=saved["step"], epoch=saved["epoch"], batch=batch, best_val_loss=saved["best_val_loss"],
-                 best_step=saved["best_step"])
-    recorded = saved.get("plan")
-    if batch > 0 and recorded and recorded != plan_key(args, r.train_ds):
+    before, now = saved["batches_per_step"], args.grad_accum * r.world
+    state.update({k: saved[k] for k in SAVED}, saved_step=saved["step"])
+    batch, recorded = saved["batch"], saved["plan"]
+    if batch > 0 and recorded != plan_key(args, r.train_ds):
         changed = ", ".join(k for k in recorded if recorded[k] != plan_key(args, r.train_ds).get(k))
         raise UserError(f"{checkpoint.name} stopped mid-epoch and its batch plan no longer matches ({changed} changed): "
                         "resume with the same training file and --max-tokens/--max-length/--max-target-length, "
@@ -305,7 +230,7 @@ def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
         r.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
               f"{state['batch']} of epoch {state['epoch'] + 1}, the learning rate where that batch puts it")
     if args.max_steps:  # a length in steps: the steps done (and a recorded length) in steps of the new size
-        here = ceil_div((saved["step"] - saved.get("step_offset", 0)) * before, now)
+        here = ceil_div((saved["step"] - saved["step_offset"]) * before, now)
         if "max_steps" not in typed:
             args.max_steps = ceil_div(args.max_steps * before, now)
     else:  # a length in epochs: this run's steps to the same point of the data
@@ -392,13 +317,13 @@ def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list
             loss = models.token_loss_sum(r.forward, batch)
         (loss * r.world / step_tokens).backward()  # DDP averages over ranks; we want the sum
         loss_sum += loss.detach()
-    ckpt.fault("mid_step", state["step"] + 1)
+    fault("mid_step", state["step"] + 1)
     # 0 disables clipping; the norm is still measured for the log.
     grad_norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(), r.args.max_grad_norm or math.inf)
     # Remember the first step whose loss or gradient is not finite, without waiting for the device: a nan
     # gradient turns every weight nan at optimizer.step even when the loss itself was finite.
-    first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(r.first_bad_step)
-    r.first_bad_step = torch.where(first, float(state["step"] + 1), r.first_bad_step)
+    first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(state["first_bad_step"])
+    state["first_bad_step"] = torch.where(first, float(state["step"] + 1), state["first_bad_step"])
     lr = lr_at(state["step"], state["step_offset"], r.args, r.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -426,13 +351,14 @@ def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int 
 
 def validate(state: dict, r: Run, bar):
     step = state["step"]
-    if step in r.val_at:
+    if step in state["val_at"]:
         return
     loss = evaluate(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
-    r.val_at[step] = loss
+    state["val_at"][step] = loss
     record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
     if r.rank == 0:
         bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+        runlog.plot_losses(r.out)  # the curves so far, for whoever watches the run
 
 
 def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
@@ -449,14 +375,14 @@ def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
     if r.args.log_examples:
         row["examples"] = [i for b in step_batches for i in b]
     record(r, row)
-    check_finite(r)
+    check_finite(state, r)
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
     window.update(loss=torch.zeros((), device=r.device), real_tokens=0, start=time.perf_counter(), steps=0)
 
 
-def check_finite(r: Run):
+def check_finite(state: dict, r: Run):
     """Stop at the first non-finite loss, before anything is saved from it (a host sync: logging and saving only)."""
-    bad = r.first_bad_step.clone()
+    bad = state["first_bad_step"].clone()
     if r.world > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
     if math.isfinite(bad.item()):
@@ -474,36 +400,34 @@ def record(r: Run, row: dict):
 def save(state: dict, r: Run):
     """Commit checkpoint-<step> (rank 0 writes, everyone waits), then point checkpoints.json at it."""
     step = state["step"]
-    if r.saved_step == step:
+    if state["saved_step"] == step:
         return
-    check_finite(r)
+    check_finite(state, r)
     if r.rank == 0:
-        val = r.val_at.get(step)
+        val = state["val_at"].get(step)
         if val is not None and math.isfinite(val) and (state["best_val_loss"] is None or val < state["best_val_loss"]):
             state["best_val_loss"], state["best_step"] = val, step
-        saved = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        saved = {k: state[k] for k in SAVED}
         saved.update(optimizer=state["optimizer"].state_dict(), rng=ckpt.rng_state(), world_size=r.world,
                      batches_per_step=r.args.grad_accum * r.world, plan=plan_key(r.args, r.train_ds))
         metrics = {"step": step, "val_loss": val, "best_val_loss": state["best_val_loss"]}
-        path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, run_config(r.args), metrics=metrics)
+        config = flags.run_config(r.args)
+        path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, config,
+                                    modelcard.files_for(state["model"], config, metrics, step))
         best = r.out / ckpt.checkpoint_name(state["best_step"]) if state["best_step"] is not None else None
         ckpt.update_index_and_prune(r.out, path, best, state["best_val_loss"], r.args.keep)
-    r.saved_step = step
+    state["saved_step"] = step
     distributed.barrier(r.world)  # nobody reads a half-written checkpoint
-
-
-def run_config(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ckpt.NOT_RECORDED}
 
 
 # ---------------------------------------------------------------- reporting
 
 
-def banner(r: Run, model, steps: int, precision: str):
-    args, world, log = r.args, r.world, r.log
+def banner(r: Run, model):
+    args, world, log, steps = r.args, r.world, r.log, r.total_steps
     params = sum(p.numel() for p in model.parameters())
     notes = [f"{world} processes"] if world > 1 else []
-    notes.append(models.precision_note(precision, r.device))
+    notes.append(models.precision_note(r.precision, r.device))
     if args.fast_dropout and r.device.type == "cpu" and args.attention != "sdpa":
         notes.append("fast dropout masks")
     log(f"device: {r.device} ({'; '.join(notes)})")

@@ -26,6 +26,7 @@ import benchlib
 import torch
 
 import eval as evaluation
+import checkpoint
 import generation
 import infer
 import models
@@ -66,7 +67,7 @@ def run(argv) -> int:
 
     hf_logging.disable_progress_bar()
     if args.model:
-        path = generation.find_checkpoint(args.model)
+        path = checkpoint.find(args.model)
         model, tokenizer = generation.load(path, device)
         max_length, name = generation.max_input_length(path), str(path)
     else:

@@ -133,7 +133,7 @@ def prepare(args, w: Path) -> dict:
     train_src, val_src = benchlib.data_files(args.data_dir)
     from transformers.utils import logging as hf_logging
 
-    import train
+    import flags as train_flags
     from dataset import DailyDialogDataset
 
     hf_logging.set_verbosity_error()
@@ -148,7 +148,7 @@ def prepare(args, w: Path) -> dict:
                 real_tokens=sum(ds.src_lengths) + sum(ds.tgt_lengths),
                 epoch_flops=benchlib.model_flops(config, ds.src_lengths, ds.tgt_lengths),
                 parameters=parameters, tokenizer_pieces=len(tokenizer))
-    defaults = train.build_parser().parse_args([])
+    defaults = train_flags.build_parser().parse_args([])
     settings = {"lr": args.lr or defaults.lr, "warmup_ratio": defaults.warmup_ratio, "weight_decay": defaults.weight_decay,
                 "max_tokens": args.max_tokens, "log_every": args.log_every, "hf_probe_pairs": args.hf_probe_pairs,
                 "generate_pairs": args.generate_pairs, "infer_prompts": args.infer_prompts}

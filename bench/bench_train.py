@@ -297,9 +297,9 @@ def build_parser():
 
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
-    import train
+    import flags
 
-    defaults = train.build_parser().parse_args([])
+    defaults = flags.build_parser().parse_args([])
     lr = args.lr or defaults.lr
     if args._arm:
         return run_arm_here(args, lr, defaults.warmup_ratio)

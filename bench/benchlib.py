@@ -74,11 +74,12 @@ def window_totals(out: Path) -> dict:
             "final_train_loss": windows[-1]["loss"], "logged_val_loss": vals[-1] if vals else None}
 
 
-def batches_run(train_ds, flags: list[str], steps: int) -> list[list[int]]:
+def batches_run(train_ds, argv: list[str], steps: int) -> list[list[int]]:
     """The batches a run with these train.py flags took in its first `steps` steps (one process), from its own plan."""
+    import flags
     import train
 
-    args = train.build_parser().parse_args(flags)
+    args = flags.build_parser().parse_args(argv)
     done: list[list[int]] = []
     epoch, left = 0, steps
     while left > 0:
@@ -90,9 +91,9 @@ def batches_run(train_ds, flags: list[str], steps: int) -> list[list[int]]:
 
 
 def final_checkpoint(out: Path) -> Path:
-    import generation
+    import checkpoint
 
-    return generation.find_checkpoint(None, output_dir=str(out))
+    return checkpoint.find(None, output_dir=str(out))
 
 
 def shared_val_loss(model, tokenizer, val_file, device) -> float:

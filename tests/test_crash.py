@@ -1,6 +1,6 @@
 """Crash safety: kill -9 anywhere, resume, and get the very same run.
 
-Faults are injected with TRAIN_FAULT (see checkpoint.fault): a SIGKILL in the
+Faults are injected with FAULT (see files.fault): a SIGKILL in the
 middle of a step, in the middle of a save, just before the commit rename,
 or between the commit and the deletion of old checkpoints.
 """
@@ -20,6 +20,7 @@ from conftest import assert_user_error, run_cli
 from safetensors.torch import load_file
 
 import checkpoint as ckpt
+import files
 import runlog
 import train
 
@@ -100,7 +101,7 @@ def test_kill_9_at_random_points_then_resume_is_bit_exact(reference, tiny_model,
     out = tmp_path / "out"
     extra, kills = [], 0
     for stage, step in faults:
-        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *extra), env={"TRAIN_FAULT": f"kill:{stage}@{step}"})
+        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *extra), env={"FAULT": f"kill:{stage}@{step}"})
         if result.returncode == 0:  # resumed past this point already
             continue
         assert result.returncode == -9, (stage, step, result.stderr[-2000:])
@@ -119,7 +120,7 @@ def test_resume_mid_epoch_in_a_later_epoch_sees_the_same_examples(reference, tin
     per_epoch = steps_per_epoch(reference)
     kill_at = per_epoch + 5  # inside the second epoch, a few steps after a save
     out = tmp_path / "out"
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": f"mid_step@{kill_at}"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"FAULT": f"mid_step@{kill_at}"})
     assert result.returncode == -9
     state = torch.load(ckpt.newest_valid(out) / ckpt.STATE, weights_only=True)
     assert state["epoch"] >= 1 and state["batch"] > 0  # really mid-epoch, in epoch 2 or later
@@ -130,7 +131,7 @@ def test_resume_mid_epoch_in_a_later_epoch_sees_the_same_examples(reference, tin
 def test_negative_control_resume_without_rng_restore_differs(reference, tiny_model, data_dir, tmp_path, monkeypatch):
     """Shows the equality above can fail: skip restoring RNG and dropout differs."""
     out = tmp_path / "out"
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": "mid_step@8"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"FAULT": "mid_step@8"})
     assert result.returncode == -9
     monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)
     assert train.main(argv(tiny_model, data_dir, out, "--resume")) == 0
@@ -141,7 +142,7 @@ def test_negative_control_resume_without_rng_restore_differs(reference, tiny_mod
 @pytest.mark.parametrize("action, code", [("term", 143), ("int", 130)])
 def test_sigterm_and_sigint_save_at_the_step_and_exit(action, code, reference, tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": f"{action}:mid_step@5"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"FAULT": f"{action}:mid_step@5"})
     assert result.returncode == code, result.stderr[-2000:]
     assert (out / "checkpoint-00000005").is_dir() and ckpt.verify(out / "checkpoint-00000005") is None
     assert "--resume" in result.stdout
@@ -151,7 +152,7 @@ def test_sigterm_and_sigint_save_at_the_step_and_exit(action, code, reference, t
 
 def test_a_failed_write_keeps_the_previous_checkpoint(tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": "enospc:mid_save@6"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"FAULT": "enospc:mid_save@6"})
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "disk full while writing" in result.stderr
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000003"]
@@ -162,7 +163,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tiny_model, data_dir, tmp_
 
 def test_leftover_temporary_folders_are_removed_at_start(tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"TRAIN_FAULT": "before_commit@6"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out), env={"FAULT": "before_commit@6"})
     assert result.returncode == -9
     assert [p for p in out.iterdir() if p.name.startswith(ckpt.TMP_PREFIX)]  # the crash left one
     result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume", "--max-steps", "7"))
@@ -205,7 +206,7 @@ def test_a_malicious_training_state_is_refused_and_never_runs(reference, tiny_mo
         (path / ckpt.STATE).write_bytes(pickle.dumps({"step": 1, "evil": Payload()}, protocol=2))
         # An attacker controls the whole folder, manifest included.
         manifest = json.loads((path / ckpt.MANIFEST).read_text())
-        manifest["files"][ckpt.STATE] = ckpt.sha256(path / ckpt.STATE)
+        manifest["files"][ckpt.STATE] = files.sha256(path / ckpt.STATE)
         (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume"))
@@ -259,7 +260,7 @@ def test_a_second_train_py_on_a_busy_output_dir_is_refused_and_a_killed_holder_l
     from conftest import ROOT
 
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRAIN_FAULT": "stop:mid_step@5"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT": "stop:mid_step@5"}
     # A real run that freezes (SIGSTOP) in the middle of step 5, after its save at step 3: it holds the lock.
     holder = subprocess.Popen([sys.executable, "train.py", *argv(tiny_model, data_dir, out)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -289,7 +290,7 @@ def test_a_second_train_py_on_a_busy_output_dir_is_refused_and_a_killed_holder_l
 
 @pytest.mark.slow
 def test_disk_full_is_an_error_line_of_its_own_naming_the_checkpoint(tiny_model, data_dir, tmp_path):
-    result = run_cli("train.py", *argv(tiny_model, data_dir, tmp_path / "out"), env={"TRAIN_FAULT": "enospc:mid_save@6"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, tmp_path / "out"), env={"FAULT": "enospc:mid_save@6"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.split("\n") if "error:" in line]
     assert len(errors) == 1, result.stderr[-2000:]
@@ -305,7 +306,7 @@ def test_bf16_resume_after_kill_9_is_bit_exact(tiny_model, data_dir, tmp_path):
     bf16 = ["--precision", "bf16", "--device", "cpu", "--max-steps", "10"]
     straight, out = tmp_path / "straight", tmp_path / "out"
     assert run_cli("train.py", *argv(tiny_model, data_dir, straight, *bf16)).returncode == 0
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out, *bf16), env={"TRAIN_FAULT": "kill:mid_step@8"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, *bf16), env={"FAULT": "kill:mid_step@8"})
     assert result.returncode == -9
     result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -336,7 +337,7 @@ def test_a_storm_of_20_kills_then_resume_gives_the_uninterrupted_run(tiny_model,
                  if stage == "mid_step" or (s in saves and not (stage == "before_prune" and s == total))]
         fault = f"kill:{stage}@{ahead[0]}" if ahead else f"kill:mid_step@{max(step, done + 1)}"
         resume = ["--resume"] if ckpt.list_checkpoints(out) else []
-        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *STORM_FLAGS, *resume), env={"TRAIN_FAULT": fault})
+        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *STORM_FLAGS, *resume), env={"FAULT": fault})
         assert result.returncode == -9, (fault, result.stderr[-2000:])
         kills.append(fault)
         assert not ckpt.list_checkpoints(out) or all_checkpoints_verify(out), fault

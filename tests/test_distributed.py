@@ -20,6 +20,7 @@ from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error
 from safetensors.torch import load_file
 
 import checkpoint as ckpt
+import outdir
 import models
 
 pytestmark = pytest.mark.slow  # every test here starts train.py (or torchrun) as a process
@@ -103,7 +104,7 @@ def test_torchrun_trains_and_only_rank_0_writes(two_ranks):
     out, result = two_ranks
     # One checkpoint set: the saves at steps 4 and 8, nothing half-written, no file per rank.
     assert {p.name for p in out.iterdir()} == {step_dir(out, 4).name, step_dir(out, 8).name, ckpt.INDEX, "metrics.jsonl",
-                                               "loss.png", ckpt.LOCK}
+                                               "loss.png", outdir.LOCK}
     for step in (4, 8):
         assert ckpt.verify(step_dir(out, step)) is None
     # One metrics row per step and per validation: rank 1 wrote none.
@@ -198,12 +199,12 @@ def test_ranks_that_never_join_end_with_a_one_line_error_not_a_hang(tiny_model, 
 
 
 def rank_1_dies(tmp_path):
-    """train.py, but TRAIN_FAULT acts on rank 1 only (rank 0 drops it)."""
+    """train.py, but FAULT acts on rank 1 only (rank 0 drops it)."""
     wrapper = tmp_path / "rank1_dies.py"
     wrapper.write_text(
         "import os, runpy, sys\n"
         "if os.environ['RANK'] != '1':\n"
-        "    os.environ.pop('TRAIN_FAULT')\n"
+        "    os.environ.pop('FAULT')\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         f"sys.argv[0] = {str(ROOT / 'train.py')!r}\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
@@ -215,7 +216,7 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     wrapper = rank_1_dies(tmp_path)
     out = tmp_path / "out"
     start = time.perf_counter()
-    result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"TRAIN_FAULT": "mid_step@3"})
+    result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"FAULT": "mid_step@3"})
     assert result.returncode != 0
     assert time.perf_counter() - start < 150  # not a hang: well under the subprocess timeout
     assert "Root Cause" in result.stderr and "SIGKILL" in result.stderr  # torchrun's summary names rank 1
@@ -229,7 +230,7 @@ def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_process
                                                                                       tmp_path):
     """kill -9 of rank 1 in step 6, after the save at 4: both world sizes resume from checkpoint 4."""
     out = tmp_path / "out"
-    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_dies(tmp_path), env={"TRAIN_FAULT": "mid_step@6"})
+    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_dies(tmp_path), env={"FAULT": "mid_step@6"})
     assert result.returncode != 0 and "SIGKILL" in result.stderr
     errors = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
     assert len(errors) == 1 and "rank 0: lost contact with the other processes" in errors[0], result.stderr[-3000:]

@@ -16,6 +16,7 @@ from test_train import train_args
 
 import checkpoint as ckpt
 import eval as evaluation
+import generation
 import infer
 from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
 from metrics import perplexity
@@ -29,7 +30,7 @@ METRIC_KEYS = {"perplexity", "bleu1", "bleu2", "bleu4_corpus", "distinct1", "dis
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    return infer.load(tiny_model, CPU)
+    return generation.load(tiny_model, CPU)
 
 
 def read_samples(folder):

@@ -34,7 +34,7 @@ def test_auto_precision_on_a_gpu_trains_in_bf16_and_saves_fp32(tiny_model, data_
 def test_gpu_resume_continues_the_same_data_order(tiny_model, data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_cli(*train_args(tiny_model, data_dir, straight, "--log-examples")).returncode == 0
-    first = run_cli(*train_args(tiny_model, data_dir, resumed, "--log-examples"), env={"TRAIN_FAULT": "term:mid_step@5"})
+    first = run_cli(*train_args(tiny_model, data_dir, resumed, "--log-examples"), env={"FAULT": "term:mid_step@5"})
     assert first.returncode == 143, first.stderr[-2000:]
     assert run_cli(*train_args(tiny_model, data_dir, resumed, "--log-examples", "--resume")).returncode == 0
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 import checkpoint as ckpt
+import flags
 import models
 import train
 from dataset import DailyDialogDataset, collate
@@ -93,7 +94,7 @@ def test_existing_run_is_not_overwritten(finished_run, tiny_model, data_dir):
 def test_help_documents_every_flag_with_its_default():
     result = run_cli("train.py", "--help")
     assert result.returncode == 0
-    parser = train.build_parser()
+    parser = flags.build_parser()
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.option_strings[0] in result.stdout
@@ -372,9 +373,9 @@ def test_resume_with_another_grad_accum_keeps_the_lr_at_each_point_of_the_data(t
     # A warmup of 10%: 2 steps of 1 batch, or 1 step of 2, so the same batches warm up either way.
     straight, out = tmp_path / "straight", tmp_path / "out"
     assert call_main(epoch_args(tiny_model, data_dir, straight, "--warmup-ratio", "0.1")) == 0
-    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@8")
+    monkeypatch.setenv("FAULT", "term:mid_step@8")
     assert call_main(epoch_args(tiny_model, data_dir, out, "--warmup-ratio", "0.1")) == 143
-    monkeypatch.delenv("TRAIN_FAULT")
+    monkeypatch.delenv("FAULT")
     assert call_main(["--resume", "--output-dir", out, "--grad-accum", "2"]) == 0
     ref = {r["step"]: r for r in train_rows(straight)}
     assert sorted(ref) == list(range(1, 21))
@@ -398,11 +399,11 @@ def test_resumes_with_another_step_size_never_skip_a_batch_or_go_back(tiny_model
     """Stop at an odd step, resume with --grad-accum 2, stop, resume with 1 again: every example of the
     epoch exactly once, step numbers only go up, and each --resume takes the checkpoint saved last."""
     out = tmp_path / "out"
-    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@9")
+    monkeypatch.setenv("FAULT", "term:mid_step@9")
     assert call_main(epoch_args(tiny_model, data_dir, out)) == 143
-    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@12")
+    monkeypatch.setenv("FAULT", "term:mid_step@12")
     assert call_main(["--resume", "--output-dir", out, "--grad-accum", "2"]) == 143
-    monkeypatch.delenv("TRAIN_FAULT")
+    monkeypatch.delenv("FAULT")
     assert call_main(["--resume", "--output-dir", out, "--grad-accum", "1"]) == 0
     rows = train_rows(out)
     steps = [r["step"] for r in rows]
@@ -421,14 +422,14 @@ def test_resume_mid_epoch_needs_the_same_batch_plan(tiny_model, tmp_path, monkey
     (data / "train.txt").write_text("".join(SAMPLE.joinpath("train.txt").read_text().splitlines(True)[:24]))
     (data / "validation.txt").write_text("".join(SAMPLE.joinpath("validation.txt").read_text().splitlines(True)[:6]))
     out = tmp_path / "out"
-    monkeypatch.setenv("TRAIN_FAULT", "term:mid_step@5")
+    monkeypatch.setenv("FAULT", "term:mid_step@5")
     assert call_main(epoch_args(tiny_model, data, out)) == 143
-    monkeypatch.delenv("TRAIN_FAULT")
+    monkeypatch.delenv("FAULT")
     capsys.readouterr()
     before = snapshot(out)
-    for flags, named in ((["--max-tokens", "640"], "max_tokens"), (["--max-length", "48"], "max_length"),
-                         (["--max-target-length", "16"], "max_target_length")):
-        assert call_main(["--resume", "--output-dir", out, *flags]) == 2
+    for changed, named in ((["--max-tokens", "640"], "max_tokens"), (["--max-length", "48"], "max_length"),
+                           (["--max-target-length", "16"], "max_target_length")):
+        assert call_main(["--resume", "--output-dir", out, *changed]) == 2
         line = one_error_line(capsys)
         assert "checkpoint-00000005 stopped mid-epoch" in line and named in line
         assert snapshot(out) == before
