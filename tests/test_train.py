@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import stat
 
@@ -94,11 +95,13 @@ def test_existing_run_is_not_overwritten(finished_run, tiny_model, data_dir):
 def test_help_documents_every_flag_with_its_default():
     result = run_cli("train.py", "--help")
     assert result.returncode == 0
-    parser = flags.build_parser()
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.option_strings[0] in result.stdout
-    assert "(default: 2048)" in result.stdout.replace("\n", " ").replace("  ", " ")
+    entries = re.split(r"\n  (?=-)", result.stdout.split("\noptions:", 1)[1])[1:]  # one per flag, as printed
+    entries = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}  # help wraps lines: single spaces
+    actions = [a for a in flags.build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) == len(vars(flags.build_parser().parse_args([])))  # every flag is an option here
+    for action in actions:
+        flag = action.option_strings[0]
+        assert f"(default: {action.default})" in entries[flag], f"{flag}: {entries[flag]}"
 
 
 @pytest.mark.slow
