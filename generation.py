@@ -40,17 +40,19 @@ def load(path: Path, device, verified: bool = False):
 def find_and_load(checkpoint, device, warn, output_dir=DEFAULT_DIR):
     """(path, model, tokenizer) of --checkpoint, else of the best or latest good checkpoint in ``output_dir``.
 
-    A running train.py may prune the checkpoint chosen here before it is
-    loaded; when the folder is gone by then, choose again rather than call it damaged.
+    Readers take no lock, so a running train.py may commit or prune
+    checkpoints while one is chosen, verified and loaded here; when the
+    folder's checkpoints changed meanwhile, a failure means "choose again", not "damaged".
     """
+    folder = checkpoint or output_dir
     while True:
-        path = ckpt.find(checkpoint, output_dir, warn=warn)
+        before = ckpt.list_checkpoints(folder)
         try:
+            path = ckpt.find(checkpoint, output_dir, warn=warn)
             return (path, *load(path, device, verified=True))
         except UserError:
-            if path.exists():
+            if ckpt.list_checkpoints(folder) == before:  # nothing moved: the problem is real
                 raise
-            warn(f"note: {path.name} was pruned by a running train.py while loading; choosing again")
 
 
 def max_input_length(path: Path) -> int:

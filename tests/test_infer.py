@@ -267,6 +267,39 @@ def truncate(path):
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
+@pytest.mark.parametrize("index", ["[]", "null", '"x"', "3", "{"])
+def test_an_index_that_is_not_a_json_object_is_ignored(run_dir, index, capsys):
+    (run_dir / ckpt.INDEX).write_text(index)
+    assert ckpt.find(None, run_dir) == run_dir / "checkpoint-00000008"  # no hint: the newest
+    assert infer.main(["--checkpoint", run_dir, "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.slow
+def test_readers_never_fail_while_train_py_prunes_under_them(tiny_model, data_dir, tmp_path):
+    """A checkpoint every step and only one kept: readers keep losing their choice to pruning, and must move on."""
+    out = tmp_path / "out"
+    flags = ["--model", tiny_model, "--train-file", data_dir / "train.txt", "--val-file", data_dir / "validation.txt",
+             "--output-dir", out, "--max-length", "64", "--max-target-length", "24", "--max-tokens", "512",
+             "--save-every", "1", "--eval-every", "1000", "--keep", "1", "--epochs", "40"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while writer.poll() is None and not (out / ckpt.INDEX).exists():
+            time.sleep(0.1)
+        loaded_steps = []
+        while writer.poll() is None and len(loaded_steps) < 30:
+            path, model, _ = generation.find_and_load(str(out), torch.device("cpu"), warn=lambda message: None)
+            assert model.config.d_model == 32
+            loaded_steps.append(ckpt.step_of(path))
+    finally:
+        writer.kill()
+        stderr = writer.communicate()[1]
+    assert len(loaded_steps) == 30, stderr[-2000:]  # the writer was still pruning when the last reader finished
+    assert loaded_steps == sorted(loaded_steps) and len(set(loaded_steps)) > 5
+
+
 def test_a_damaged_best_checkpoint_is_skipped_for_the_latest(run_dir):
     truncate(run_dir / "checkpoint-00000004")
     said = []

@@ -195,6 +195,39 @@ def test_output_dir_problems_are_one_line_errors(tiny_model, data_dir, tmp_path,
         assert "not writable" in capsys.readouterr().err
 
 
+def test_a_refused_run_creates_nothing(tiny_model, data_dir, tmp_path, capsys):
+    """Whatever refuses a run (a flag, the model, the data, the output dir) refuses it before any file is made."""
+    new = tmp_path / "new"
+    assert call_main(train_args(tiny_model, data_dir, new, "--resume")[1:]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not new.exists()
+
+    assert call_main(train_args(tmp_path / "no-such-model", data_dir, new)[1:]) == 2
+    assert "cannot load --model" in capsys.readouterr().err and not new.exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert call_main(train_args(tiny_model, data_dir, empty, "--lr", "0")[1:]) == 2
+    assert "--lr" in capsys.readouterr().err and list(empty.iterdir()) == []
+
+    committed = tmp_path / "run" / "checkpoint-00000010"  # a checkpoint given where its output dir belongs
+    committed.mkdir(parents=True)
+    (committed / "config.json").write_text("{}")
+    for extra in ([], ["--resume"]):
+        assert call_main(train_args(tiny_model, data_dir, committed, *extra)[1:]) == 2
+        err = capsys.readouterr().err
+        assert "is a checkpoint, not an output dir" in err and str(committed.parent.resolve()) in err
+        assert [p.name for p in committed.iterdir()] == ["config.json"]  # no train.lock written into it
+
+
+def test_a_validation_file_that_is_the_training_file_is_refused(tiny_model, data_dir, tmp_path, capsys):
+    argv = train_args(tiny_model, data_dir, tmp_path / "out")[1:]
+    argv[argv.index("--val-file") + 1] = data_dir / "train.txt"
+    assert call_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--val-file is the training file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_named_model_that_cannot_be_loaded_is_an_error_not_a_fallback(data_dir, tmp_path, capsys):
     assert call_main(train_args(tmp_path / "no-such-model", data_dir, tmp_path / "out")[1:]) == 2
     err = capsys.readouterr().err
