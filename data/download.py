@@ -21,7 +21,7 @@ import corpus  # noqa: E402
 from cli import OneLineParser, run_script  # noqa: E402
 
 
-def parse_args(argv: list[str]):
+def build_parser():
     p = OneLineParser(prog="download.py",
                       description="Download DailyDialog (roskoN/dailydialog on the Hugging Face hub), verify it "
                                   "and extract {train,validation,test}.txt. " + corpus.LICENSE)
@@ -35,11 +35,11 @@ def parse_args(argv: list[str]):
     p.add_argument("--from-dir", type=Path, metavar="DIR",
                    help="use train.zip, validation.zip and test.zip from DIR instead of "
                         "the hub (e.g. copied to a machine without internet)")
-    return p.parse_args(argv)
+    return p
 
 
 def run(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     corpus.download(args.out, revision=args.revision, dedupe=args.dedupe, force=args.force, from_dir=args.from_dir)
     return 0
 
