@@ -2,7 +2,7 @@
 
 - `load_pretrained`: a hub name or a local folder (safetensors only, no
   remote code); offline, the Hugging Face cache. A model that cannot work
-  (not encoder-decoder) is a `ModelProblem`.
+  (not encoder-decoder, no tokenizer) is a `ModelProblem`.
 - `build_scratch`: a small T5 (`SCRATCH_CONFIG`) with a Unigram tokenizer
   trained on the training text, for machines that cannot get t5-small.
 - `token_loss_sum`: the training loss, shared by training, validation and
@@ -39,11 +39,21 @@ SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4
 
 # ---------------------------------------------------------------- loading
 
+# The files a saved tokenizer leaves: a vocabulary (tokenizer.json; SentencePiece's spiece.model,
+# sentencepiece.bpe.model or tokenizer.model; BPE's vocab.json; WordPiece's vocab.txt), or for a byte-level
+# tokenizer such as ByT5's, which needs no vocabulary, tokenizer_config.json alone.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+# Words every English tokenizer spells without <unk>. The stand-in transformers builds when a folder has no
+# vocabulary (a T5's: 104 tokens, specials and sentinels) spells none of them, and under it training still
+# reports a falling loss: it learns to predict <unk>.
+PROBE_WORDS = ("hello", "how", "are", "you", "today")
 SEQ2SEQ_HINT = "use t5-small, google/flan-t5-base, facebook/bart-base or another seq2seq (encoder-decoder) model"
+NO_TOKENIZER_FIX = "save the tokenizer with the model: tokenizer.save_pretrained(DIR)"
 
 
 class ModelProblem(UserError):
-    """A model that is there but cannot work: the wrong kind.
+    """A model that is there but cannot work: the wrong kind, no tokenizer.
 
     Never a reason to train from scratch instead, as an unreachable default model is.
     """
@@ -73,6 +83,17 @@ def check_seq2seq(name, who: str, **kwargs):
         raise ModelProblem(f"{who} is not an encoder-decoder model ({type(config).__name__}); {SEQ2SEQ_HINT}")
 
 
+def check_tokenizer(tokenizer, who: str):
+    """Refuse a tokenizer that spells no probe word without <unk> or another special token (or at all)."""
+    specials = set(tokenizer.all_special_ids)
+    for word in PROBE_WORDS:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if ids and not specials.intersection(ids):
+            return
+    raise ModelProblem(f"{who} has no tokenizer vocabulary (its {len(tokenizer)}-token tokenizer turns every word into <unk> "
+                       f"or nothing: transformers makes one up when no file holds a vocabulary); {NO_TOKENIZER_FIX}")
+
+
 def check_folder(folder: Path, who: str):
     """The tokenizer of a local model folder, once its files show the model can work.
 
@@ -82,7 +103,12 @@ def check_folder(folder: Path, who: str):
     from transformers import AutoTokenizer
 
     check_seq2seq(folder, who)
-    return AutoTokenizer.from_pretrained(folder)
+    # Before the library is asked: with no file it makes up a tokenizer or fails in its own words.
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelProblem(f"{who} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {NO_TOKENIZER_FIX}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_tokenizer(tokenizer, who)
+    return tokenizer
 
 
 def cannot_load(name: str, e: BaseException) -> UserError:
@@ -101,9 +127,10 @@ def load_pretrained(name: str, who: str | None = None):
     offline = not local and not hub.hub_reachable()
     if local:
         tokenizer = check_folder(Path(name), who)
-    else:  # the hub: its config first, the weights only for a model that can work
+    else:  # the hub: config and tokenizer files first, the weights only for a model that can work
         check_seq2seq(name, who, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        check_tokenizer(tokenizer, who)
     model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
     return model, tokenizer
 

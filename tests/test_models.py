@@ -1,23 +1,43 @@
 """Model folders that cannot work are refused in one line by train.py, infer.py and eval.py.
 
-The broken folder is built here from a tiny GPT-2 config: a decoder-only
-model. The scripts run in-process through their `main`, as a user's command
-line would reach them.
+Each broken folder is built here from the tiny T5 of conftest (or a tiny
+GPT-2 config): a model saved without its tokenizer, a tokenizer_config.json
+with no vocabulary beside it, a decoder-only model. The scripts run
+in-process through their `main`, as a user's command line would reach them;
+the stand-in hub serves a repo missing its tokenizer.
 """
 
+import shutil
+
 import pytest
-from conftest import TINY_FLAGS, assert_user_error, run_cli
+from conftest import TINY_CONFIG, TINY_FLAGS, assert_user_error, run_cli
+from hub_server import FakeHub, Repo
 
 import eval as eval_script
 import infer
 import models
 import train
 
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
+
+
+def copy_model_alone(tiny_model, to):
+    """What `model.save_pretrained(to)` writes without `tokenizer.save_pretrained(to)`."""
+    to.mkdir()
+    for name in MODEL_FILES:
+        shutil.copy(tiny_model / name, to)
+    return to
+
 
 @pytest.fixture(scope="module")
 def broken(tiny_model, tmp_path_factory):
     """name -> (folder, words the one-line error must contain)."""
     root = tmp_path_factory.mktemp("broken")
+    no_tokenizer = copy_model_alone(tiny_model, root / "no-tokenizer")
+
+    # A tokenizer_config.json naming T5Tokenizer but no vocabulary: transformers builds a stand-in of special tokens.
+    config_only = copy_model_alone(tiny_model, root / "tokenizer-config-only")
+    shutil.copy(tiny_model / "tokenizer_config.json", config_only)
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -26,6 +46,10 @@ def broken(tiny_model, tmp_path_factory):
     GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
 
     return {
+        "no-tokenizer": (no_tokenizer, ["no-tokenizer has no tokenizer (none of tokenizer.json, spiece.model, "
+                                        "tokenizer_config.json", "tokenizer.save_pretrained(DIR)"]),
+        "tokenizer-config-only": (config_only, ["tokenizer-config-only has no tokenizer vocabulary", "makes one up",
+                                                "every word into <unk>", "tokenizer.save_pretrained(DIR)"]),
         "gpt2": (gpt2, ["gpt2 is not an encoder-decoder model (GPT2Config)", "t5-small", "seq2seq"]),
     }
 
@@ -48,7 +72,7 @@ def call(main, argv):
         return e.code
 
 
-KINDS = ["gpt2"]
+KINDS = ["no-tokenizer", "tokenizer-config-only", "gpt2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -87,6 +111,41 @@ def test_infer_and_eval_refuse_a_broken_checkpoint(kind, script, broken, data_di
     line = one_line(capsys, *words)
     assert line.startswith(f"{script}.py: error: checkpoint {folder}"), line
     assert not out.exists() and sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("no-tokenizer", ["has no tokenizer vocabulary", "every word into <unk>", "tokenizer.save_pretrained(DIR)"]),
+])
+def test_a_broken_hub_repo_is_refused_and_trains_nothing(kind, words, broken, tiny_model, data_dir, tmp_path):
+    # A repo holds what its owner uploaded, here no tokenizer.
+    folder = copy_model_alone(tiny_model, tmp_path / "model-alone")
+    repo_id = f"someone/t5-{kind}"
+    out = tmp_path / "out"
+    with FakeHub({("models", repo_id): Repo.from_folder(folder)}) as hub:
+        result = run_cli("train.py", "--model", repo_id, "--train-file", data_dir / "train.txt",
+                         "--val-file", data_dir / "validation.txt", "--output-dir", out, *TINY_FLAGS, "--max-steps", "1",
+                         env=hub.env(tmp_path / "cache"))
+        asked = [path for _, path in hub.requests if repo_id in path]
+    assert asked  # the hub was reached, and answered
+    if kind == "no-tokenizer":  # refused from its config and tokenizer files, before its weights are fetched
+        assert not [path for path in asked if path.endswith("/model.safetensors")], asked
+    assert_user_error(result, f"--model {repo_id}", *words)
+    assert not out.exists()
+
+
+def test_a_byte_level_tokenizer_needs_no_vocabulary_file(tiny_model, tmp_path):
+    """ByT5's tokenizer is the 256 bytes: tokenizer_config.json alone describes it, and it spells every word."""
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path / "byt5"
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TINY_CONFIG)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert "vocab.json" not in {p.name for p in folder.iterdir()}
+    model, loaded = models.load_pretrained(str(folder))
+    assert loaded.decode(loaded("Hello there .").input_ids, skip_special_tokens=True) == "Hello there ."
+    models.load_checkpoint(folder)
 
 
 def test_the_tiny_model_itself_passes_every_check(tiny_model):
