@@ -2,7 +2,7 @@
 
 - `load_pretrained`: a hub name or a local folder (safetensors only, no
   remote code); offline, the Hugging Face cache. A model that cannot work
-  (not encoder-decoder, no tokenizer) is a `ModelProblem`.
+  (not encoder-decoder, no tokenizer, damaged weights) is a `ModelProblem`.
 - `build_scratch`: a small T5 (`SCRATCH_CONFIG`) with a Unigram tokenizer
   trained on the training text, for machines that cannot get t5-small.
 - `token_loss_sum`: the training loss, shared by training, validation and
@@ -53,7 +53,7 @@ NO_TOKENIZER_FIX = "save the tokenizer with the model: tokenizer.save_pretrained
 
 
 class ModelProblem(UserError):
-    """A model that is there but cannot work: the wrong kind, no tokenizer.
+    """A model that is there but cannot work: the wrong kind, no tokenizer, damaged weights.
 
     Never a reason to train from scratch instead, as an unreachable default model is.
     """
@@ -94,18 +94,30 @@ def check_tokenizer(tokenizer, who: str):
                        f"or nothing: transformers makes one up when no file holds a vocabulary); {NO_TOKENIZER_FIX}")
 
 
+def damaged_weights(who: str, file: str, e: BaseException) -> ModelProblem:
+    return ModelProblem(f"{who}: {file} is damaged or truncated ({first_line(e)}); save or download the model again")
+
+
 def check_folder(folder: Path, who: str):
     """The tokenizer of a local model folder, once its files show the model can work.
 
-    The weights are not read: a folder that cannot work is refused in a
-    second, before gigabytes are loaded.
+    The weights are read only as far as their headers: a folder that cannot
+    work is refused in a second, before gigabytes are loaded.
     """
+    from safetensors import SafetensorError, safe_open
     from transformers import AutoTokenizer
 
     check_seq2seq(folder, who)
     # Before the library is asked: with no file it makes up a tokenizer or fails in its own words.
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise ModelProblem(f"{who} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {NO_TOKENIZER_FIX}")
+    # safetensors' header gives every tensor's offsets, so reading it finds a file cut short anywhere.
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise damaged_weights(who, weights.name, e) from None
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_tokenizer(tokenizer, who)
     return tokenizer
@@ -120,6 +132,7 @@ def load_pretrained(name: str, who: str | None = None):
 
     ``who``: how errors name the model (e.g. "--model NAME"); ModelProblem for one that cannot work.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     who = who or name
@@ -131,7 +144,10 @@ def load_pretrained(name: str, who: str | None = None):
         check_seq2seq(name, who, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         check_tokenizer(tokenizer, who)
-    model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+    except SafetensorError as e:
+        raise damaged_weights(who, "model.safetensors", e) from None
     return model, tokenizer
 
 

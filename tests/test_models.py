@@ -2,9 +2,10 @@
 
 Each broken folder is built here from the tiny T5 of conftest (or a tiny
 GPT-2 config): a model saved without its tokenizer, a tokenizer_config.json
-with no vocabulary beside it, a decoder-only model. The scripts run
-in-process through their `main`, as a user's command line would reach them;
-the stand-in hub serves a repo missing its tokenizer.
+with no vocabulary beside it, a truncated model.safetensors, a decoder-only
+model. The scripts run in-process through their `main`, as a user's command
+line would reach them; the stand-in hub serves repos missing their tokenizer
+or with their weights cut short.
 """
 
 import shutil
@@ -39,6 +40,11 @@ def broken(tiny_model, tmp_path_factory):
     config_only = copy_model_alone(tiny_model, root / "tokenizer-config-only")
     shutil.copy(tiny_model / "tokenizer_config.json", config_only)
 
+    truncated = root / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = root / "gpt2"
@@ -50,6 +56,7 @@ def broken(tiny_model, tmp_path_factory):
                                         "tokenizer_config.json", "tokenizer.save_pretrained(DIR)"]),
         "tokenizer-config-only": (config_only, ["tokenizer-config-only has no tokenizer vocabulary", "makes one up",
                                                 "every word into <unk>", "tokenizer.save_pretrained(DIR)"]),
+        "truncated": (truncated, ["truncated: model.safetensors is damaged or truncated"]),
         "gpt2": (gpt2, ["gpt2 is not an encoder-decoder model (GPT2Config)", "t5-small", "seq2seq"]),
     }
 
@@ -72,7 +79,7 @@ def call(main, argv):
         return e.code
 
 
-KINDS = ["no-tokenizer", "tokenizer-config-only", "gpt2"]
+KINDS = ["no-tokenizer", "tokenizer-config-only", "truncated", "gpt2"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -115,10 +122,11 @@ def test_infer_and_eval_refuse_a_broken_checkpoint(kind, script, broken, data_di
 
 @pytest.mark.parametrize("kind, words", [
     ("no-tokenizer", ["has no tokenizer vocabulary", "every word into <unk>", "tokenizer.save_pretrained(DIR)"]),
+    ("truncated", [": model.safetensors is damaged or truncated"]),
 ])
 def test_a_broken_hub_repo_is_refused_and_trains_nothing(kind, words, broken, tiny_model, data_dir, tmp_path):
-    # A repo holds what its owner uploaded, here no tokenizer.
-    folder = copy_model_alone(tiny_model, tmp_path / "model-alone")
+    # A repo holds what its owner uploaded: no tokenizer, or weights cut short, which only loading them reveals.
+    folder = copy_model_alone(tiny_model, tmp_path / "model-alone") if kind == "no-tokenizer" else broken[kind][0]
     repo_id = f"someone/t5-{kind}"
     out = tmp_path / "out"
     with FakeHub({("models", repo_id): Repo.from_folder(folder)}) as hub:
