@@ -1,7 +1,8 @@
 """The model: which one to start from, its loss, its precision.
 
 - `load_pretrained`: a hub name or a local folder (safetensors only, no
-  remote code); offline, the Hugging Face cache.
+  remote code); offline, the Hugging Face cache. A model that cannot work
+  (not encoder-decoder, no tokenizer, damaged weights) is a `ModelProblem`.
 - `build_scratch`: a small T5 (`SCRATCH_CONFIG`) with a Unigram tokenizer
   trained on the training text, for machines that cannot get t5-small.
 - `token_loss_sum`: the training loss, shared by training, validation and
@@ -38,26 +39,128 @@ SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4
 
 # ---------------------------------------------------------------- loading
 
+# The files a saved tokenizer leaves: a vocabulary (tokenizer.json; SentencePiece's spiece.model,
+# sentencepiece.bpe.model or tokenizer.model; BPE's vocab.json; WordPiece's vocab.txt), or for a byte-level
+# tokenizer such as ByT5's, which needs no vocabulary, tokenizer_config.json alone.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+# Words every English tokenizer spells without <unk>. The stand-in transformers builds when a folder has no
+# vocabulary (a T5's: 104 tokens, specials and sentinels) spells none of them, and under it training still
+# reports a falling loss: it learns to predict <unk>.
+PROBE_WORDS = ("hello", "how", "are", "you", "today")
+SEQ2SEQ_HINT = "use t5-small, google/flan-t5-base, facebook/bart-base or another seq2seq (encoder-decoder) model"
+NO_TOKENIZER_FIX = "save the tokenizer with the model: tokenizer.save_pretrained(DIR)"
 
-def load_pretrained(name: str):
-    """Model and tokenizer from a local folder or the hub (or its cache when offline)."""
+
+class ModelProblem(UserError):
+    """A model that is there but cannot work: the wrong kind, no tokenizer, damaged weights.
+
+    Never a reason to train from scratch instead, as an unreachable default model is.
+    """
+
+
+@contextlib.contextmanager
+def library_quiet():
+    """transformers' warnings about a config we may refuse would turn the one-line error into several."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def check_seq2seq(name, who: str, **kwargs):
+    """Refuse a config AutoModelForSeq2SeqLM cannot load (GPT-2, BERT...), by its class: the library's own
+    error for it reads like a damaged folder."""
+    from transformers import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING, AutoConfig
+
+    with library_quiet():
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    if type(config) not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING:
+        raise ModelProblem(f"{who} is not an encoder-decoder model ({type(config).__name__}); {SEQ2SEQ_HINT}")
+
+
+def check_tokenizer(tokenizer, who: str):
+    """Refuse a tokenizer that spells no probe word without <unk> or another special token (or at all)."""
+    specials = set(tokenizer.all_special_ids)
+    for word in PROBE_WORDS:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if ids and not specials.intersection(ids):
+            return
+    raise ModelProblem(f"{who} has no tokenizer vocabulary (its {len(tokenizer)}-token tokenizer turns every word into <unk> "
+                       f"or nothing: transformers makes one up when no file holds a vocabulary); {NO_TOKENIZER_FIX}")
+
+
+def damaged_weights(who: str, file: str, e: BaseException) -> ModelProblem:
+    return ModelProblem(f"{who}: {file} is damaged or truncated ({first_line(e)}); save or download the model again")
+
+
+def check_folder(folder: Path, who: str):
+    """The tokenizer of a local model folder, once its files show the model can work.
+
+    The weights are read only as far as their headers: a folder that cannot
+    work is refused in a second, before gigabytes are loaded.
+    """
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoTokenizer
+
+    check_seq2seq(folder, who)
+    # Before the library is asked: with no file it makes up a tokenizer or fails in its own words.
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelProblem(f"{who} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); {NO_TOKENIZER_FIX}")
+    # safetensors' header gives every tensor's offsets, so reading it finds a file cut short anywhere.
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise damaged_weights(who, weights.name, e) from None
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    check_tokenizer(tokenizer, who)
+    return tokenizer
+
+
+def cannot_load(name: str, e: BaseException) -> UserError:
+    return UserError(f"cannot load --model {name} ({first_line(e)}); check the name or folder, or use --model scratch")
+
+
+def load_pretrained(name: str, who: str | None = None):
+    """Model and tokenizer from a local folder or the hub (or its cache when offline).
+
+    ``who``: how errors name the model (e.g. "--model NAME"); ModelProblem for one that cannot work.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    who = who or name
     local = Path(name).is_dir()
     offline = not local and not hub.hub_reachable()
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-    model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+    if local:
+        tokenizer = check_folder(Path(name), who)
+    else:  # the hub: config and tokenizer files first, the weights only for a model that can work
+        check_seq2seq(name, who, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        check_tokenizer(tokenizer, who)
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+    except SafetensorError as e:
+        raise damaged_weights(who, "model.safetensors", e) from None
     return model, tokenizer
 
 
 def load_checkpoint(path: Path):
     """Model and tokenizer of a checkpoint folder written by train.py (or save_pretrained)."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = check_folder(path, f"checkpoint {path}")
         model = AutoModelForSeq2SeqLM.from_pretrained(path, use_safetensors=True)
-    except Exception as e:  # any failure here means a broken folder, whatever the library raised
+    except ModelProblem:
+        raise
+    except Exception as e:  # any other failure here means a broken folder, whatever the library raised
         raise UserError(f"cannot load the checkpoint in {path} ({first_line(e)}); it is damaged: "
                         "use another checkpoint or retrain") from None
     if len(tokenizer) > model.config.vocab_size:
@@ -103,11 +206,10 @@ def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size:
     if name == "scratch":
         return (*build_scratch(train_file, scratch_vocab_size, seed), "scratch")
     try:
-        return (*load_pretrained(name), name)
-    except (OSError, ValueError) as e:
+        return (*load_pretrained(name, f"--model {name}"), name)
+    except (OSError, ValueError) as e:  # not found, unreachable, unreadable (a ModelProblem is neither: it stops here)
         if named_by_user:  # the user named it: never swap in something else
-            raise UserError(f"cannot load --model {name} ({first_line(e)}); check the name or folder, "
-                            "or use --model scratch") from None
+            raise cannot_load(name, e) from None
     bar = "!" * 78
     log(f"{bar}\nWARNING: the default model '{DEFAULT_MODEL}' is not available (no connection to the Hugging Face hub\n"
         f"and not in its cache). Training a SMALL T5 FROM SCRATCH instead (see SCRATCH_CONFIG in models.py).\n"
