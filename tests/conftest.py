@@ -113,7 +113,7 @@ def fake_hub(hub_repos):
 def fake_proxy(fake_hub):
     """A forward proxy that alone can reach fake_hub under the name hub.invalid (STAND_IN_HOST):
     .url, .requests [(method, target)], .connections, .env() with HTTP(S)_PROXY set."""
-    from hub_server import FakeProxy
+    from proxy_server import FakeProxy
 
     with FakeProxy({"hub.invalid": ("127.0.0.1", fake_hub.port)}) as proxy:
         yield proxy
