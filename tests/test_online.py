@@ -12,7 +12,7 @@ import shutil
 import pytest
 from conftest import ROOT, STAND_IN_HOST, hub_corpus, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hermetic")]  # hermetic: none of the user's hub variables
 
 
 @pytest.fixture
