@@ -25,8 +25,12 @@ Guarantees:
   "occur" means identical after whitespace normalisation (runs of whitespace
   collapsed to one space, ends stripped; case and punctuation kept).
 - Every problem the user can fix is a `cli.UserError` with a one-line
-  message naming the fix; `HubUnreachable` when the hub cannot be reached,
-  `dataset.DataError` when an archive is damaged.
+  message naming the fix; `dataset.DataError` when an archive is damaged.
+  `HubUnreachable` (which lets train.py fall back to its sample) only when
+  there is no connection to the hub or HF_HUB_OFFLINE=1 leaves a zip out of
+  reach: a hub that answers 500 or 429, or stalls, is an error naming its
+  status or "timed out" (see hub.py). Fixes are named as commands that work
+  from train.py too (`python data/download.py ...`).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import zlib
 from pathlib import Path
 
 import hub
+from hub import HubUnreachable
 from cli import UserError
-from files import describe_os_error, first_line, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
+from files import describe_os_error, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
 from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
 
 REPO_ID = "roskoN/dailydialog"
@@ -54,14 +59,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "dailydialog"
 MANIFEST = "download_info.json"
 ACT_LABELS = {"1", "2", "3", "4"}
 EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
-
-
-class HubUnreachable(UserError):
-    """The hub cannot be reached and the cache cannot stand in for it.
-
-    Its own type so that a caller can fall back (e.g. to the project's sample
-    dialogues) where a damaged archive must still stop it.
-    """
 
 
 # --- reading and verifying -------------------------------------------------
@@ -163,47 +160,54 @@ def _write_outputs(out: Path, dialogues: dict[str, list[str]], manifest: dict, l
 
 # --- fetching --------------------------------------------------------------
 
-def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path:
+DOWNLOAD_SCRIPT = "python data/download.py"  # named in fixes, so they work from train.py as well
+
+
+def _download_one(split: str, revision: str, force: bool, offline: bool, log=print) -> Path:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-    where = f"{REPO_ID}@{revision}"
+    where, name = f"{REPO_ID}@{revision}", f"{split}.zip"
     try:
-        with warnings.catch_warnings():  # a full disk is reported below, in one line, if it really happens
+        # A full disk is reported below, in one line, if it really happens.
+        with warnings.catch_warnings(), hub.warnings_to(log):
             warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
-            return Path(hf_hub_download(REPO_ID, f"{split}.zip", repo_type="dataset", revision=revision,
+            return Path(hf_hub_download(REPO_ID, name, repo_type="dataset", revision=revision,
                                         force_download=force and not offline, local_files_only=offline))
     except LocalEntryNotFoundError as e:
         if offline:
-            raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {split}.zip of {where} is not in the local Hugging Face "
+            raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {name} of {where} is not in the local Hugging Face "
                                  f"cache; unset HF_HUB_OFFLINE and run with internet, or pass --from-dir") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
-                             f"check your connection") from None
+        raise hub.download_error(e, name, where) from None
     except RevisionNotFoundError:
         raise UserError(f"revision {revision!r} does not exist in {REPO_ID}; check --revision") from None
     except RepositoryNotFoundError:
-        raise UserError(f"dataset repo {REPO_ID} not found (moved or made private?); "
-                        f"download the zips by hand and pass --from-dir") from None
+        raise UserError(f"dataset repo {REPO_ID} not found (moved or made private?); download the zips by hand "
+                        f"and run `{DOWNLOAD_SCRIPT} --from-dir DIR`") from None
     except EntryNotFoundError:
-        raise UserError(f"{split}.zip not found in {where}; the repo layout changed, try another --revision") from None
+        raise UserError(f"{name} not found in {where}; the repo layout changed: try another revision "
+                        f"(`{DOWNLOAD_SCRIPT} --revision REV`)") from None
     except Exception as e:  # network stacks raise many types; report, don't trace
         if is_disk_full(e):
-            raise UserError(f"disk full while downloading {split}.zip into the Hugging Face cache "
+            raise UserError(f"disk full while downloading {name} into the Hugging Face cache "
                             f"{constants.HF_HUB_CACHE}; free some space there (or point HF_HUB_CACHE at "
                             f"another disk) and re-run") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
-                             f"check your connection and retry") from None
+        raise hub.download_error(e, name, where) from None
 
 
-def fetch_zips(revision: str, force: bool) -> dict[str, Path]:
+def fetch_zips(revision: str, force: bool, log=print) -> dict[str, Path]:
     """Download (or take from the HF cache) the three split zips."""
-    offline = hub.offline()
-    if not offline and not hub.hub_reachable():
-        raise HubUnreachable(f"cannot reach {hub.endpoint()} (offline?); connect to the internet, set "
+    state, words = hub.probe()
+    if state == hub.UNREACHABLE:
+        raise HubUnreachable(f"cannot reach {hub.endpoint()} ({words}; offline?); connect to the internet, set "
                              f"HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass --from-dir "
                              f"with the three zips")
-    return {split: _download_one(split, revision, force, offline) for split in SPLITS}
+    if state == hub.NO_ANSWER:
+        raise UserError(f"{hub.endpoint()} took the connection but then {words}; the hub or a proxy in between "
+                        f"hangs: re-run later, or set HF_HUB_OFFLINE=1 to use the local Hugging Face cache")
+    offline = state == hub.OFFLINE
+    return {split: _download_one(split, revision, force, offline, log) for split in SPLITS}
 
 
 def _commit_of(zip_path: Path) -> str | None:
@@ -253,7 +257,7 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
         log(LICENSE)
         return out
 
-    zips = {s: Path(from_dir) / f"{s}.zip" for s in SPLITS} if from_dir else fetch_zips(revision, force)
+    zips = {s: Path(from_dir) / f"{s}.zip" for s in SPLITS} if from_dir else fetch_zips(revision, force, log)
     commit = _commit_of(zips["train"])
     log(f"Source: {source}" + (f" (commit {commit})" if commit else ""))
 

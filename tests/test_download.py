@@ -3,7 +3,7 @@ hub: the extraction and verification run on small zips built here in the
 corpus' layout, the offline path runs the real CLI with the hub made
 unreachable, and the download path runs it against a stand-in hub
 (tests/hub_server.py). The tests in tests/test_hub.py cover the hub itself:
-reachability, proxies, t5-small from the hub."""
+reachability, server errors, stalls, proxies."""
 import importlib.util
 import io
 import json

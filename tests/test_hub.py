@@ -1,13 +1,14 @@
-"""The hub and the way to it (hub.py): is it there, proxies, and t5-small from the hub.
+"""The hub and the way to it (hub.py): is it there, what a failed download means, how long we wait, proxies,
+and t5-small from the hub.
 
-Everything runs against the stand-in hub and proxy (tests/hub_server.py, tests/proxy_server.py), whatever hub
-variables the user exported (`hermetic`).
+Only a missing connection (or HF_HUB_OFFLINE=1) may pass for "offline"; a hub that answers 500 or 429, or
+stalls, is an error with its status or "timed out". Everything runs against the stand-in hub and proxy
+(tests/hub_server.py, tests/proxy_server.py), whatever hub variables the user exported (`hermetic`).
 """
-
-import json
 
 import pytest
 from conftest import DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, run_cli
+from hub_server import SilentHub
 
 import corpus as dl
 import hub
@@ -15,18 +16,27 @@ import hub
 pytestmark = pytest.mark.usefixtures("hermetic")
 
 SCRIPT = ROOT / "data" / "download.py"
+TRAIN_ZIP = f"/datasets/{dl.REPO_ID}/resolve/main/train.zip"
 
 
 def hub_env(fake_hub, tmp_path, **extra):
     return {**fake_hub.env(tmp_path / "hf"), **extra}
 
 
-# --- is it there: hub.hub_reachable --------------------------------------------
+# --- is it there: hub.probe / hub.hub_reachable --------------------------------
 
-def test_hub_reachable_live_and_dead_endpoints(fake_hub, hermetic):
+def test_hub_reachable_live_and_dead_endpoints(fake_hub):
     assert hub.hub_reachable(fake_hub.url)
     assert not hub.hub_reachable("http://127.0.0.1:9")  # nothing listens on the discard port
     assert not hub.hub_reachable(STAND_IN_HOST, timeout=1)  # a name that does not resolve
+    assert hub.probe("http://127.0.0.1:9")[0] == hub.UNREACHABLE
+
+
+def test_a_hub_that_takes_the_connection_and_never_answers_is_no_answer_not_unreachable():
+    with SilentHub() as silent:
+        state, words = hub.probe(silent.url, timeout=1)
+        assert state == hub.NO_ANSWER and "timed out" in words
+        assert not hub.hub_reachable(silent.url, timeout=1)
 
 
 def test_hub_reachable_asks_the_proxy_unless_no_proxy(fake_hub, fake_proxy, hermetic):
@@ -44,17 +54,16 @@ def test_hub_reachable_asks_the_proxy_unless_no_proxy(fake_hub, fake_proxy, herm
     assert hub.hub_reachable(fake_hub.url)
 
 
-def test_fake_proxy_tunnels_connect_as_https_clients_use_it(fake_hub, fake_proxy):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", fake_proxy.port, timeout=30)
-    conn.set_tunnel("hub.invalid", 80)
-    conn.request("GET", f"/api/datasets/{dl.REPO_ID}")
-    info = json.loads(conn.getresponse().read())
-    conn.close()
-    assert info["sha"] == fake_hub.repos[("datasets", dl.REPO_ID)].commit
-    assert fake_proxy.requests == [("CONNECT", "hub.invalid:80")]
-    assert fake_hub.requests == [("GET", f"/api/datasets/{dl.REPO_ID}")]
+def test_the_probe_is_an_http_request_the_proxy_relays_and_a_tunnel_for_https(fake_hub, fake_proxy, hermetic):
+    hermetic.setenv("HTTP_PROXY", fake_proxy.url)
+    hermetic.setenv("HTTPS_PROXY", fake_proxy.url)
+    assert hub.probe(STAND_IN_HOST)[0] == hub.ANSWERED
+    assert fake_proxy.requests == [("HEAD", f"{STAND_IN_HOST}/")]  # a real HTTP question, not a bare connection
+    assert fake_hub.requests == [("HEAD", "/")]  # relayed to the hub, which answered it
+    # https: the probe asks the proxy for a tunnel (CONNECT), as huggingface_hub's client does. (The stand-in
+    # hub speaks no TLS, so nothing answers at the end of it.)
+    assert hub.probe("https://hub.invalid", timeout=1)[0] != hub.ANSWERED
+    assert fake_proxy.requests[-1] == ("CONNECT", "hub.invalid:443")
 
 
 @pytest.mark.parametrize("offline, expected", [("1", "False"), ("0", "True")])
@@ -63,6 +72,60 @@ def test_hub_reachable_honours_hf_hub_offline_and_hf_endpoint(fake_hub, tmp_path
     env = {**fake_hub.env(tmp_path / "hf"), "HF_HUB_OFFLINE": offline}
     result = run_cli("-c", "import hub; print(hub.hub_reachable(), hub.endpoint())", env=env)
     assert result.stdout.split() == [expected, fake_hub.url], result.stderr[-2000:]
+
+
+# --- a hub on a bad day: an error with its status, never "offline" ---------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("status, words", [(500, "500 Internal Server Error"), (429, "429 Too Many Requests")])
+def test_a_server_error_is_an_error_with_its_status_after_the_clients_retries(fake_hub, tmp_path, status, words):
+    fake_hub.faults["train.zip"] = status
+    out = tmp_path / "out"
+    result = run_cli(SCRIPT, "--out", out, env=hub_env(fake_hub, tmp_path))
+    assert_user_error(result, f"the hub answered {words} for train.zip", "re-run")
+    assert fake_hub.paths("HEAD").count(TRAIN_ZIP) > 1  # huggingface_hub retried before we said so
+    assert "huggingface_hub: " in result.stdout  # its retry notes, on stdout: stderr holds the one line
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_download_that_stalls_mid_file_ends_timed_out(fake_hub, tmp_path):
+    fake_hub.faults["train.zip"] = "stall"  # half the bytes, then an open, silent connection
+    out = tmp_path / "out"
+    # A 1 s read timeout keeps the test short; the product's own default is hub.DOWNLOAD_TIMEOUT_S.
+    result = run_cli(SCRIPT, "--out", out, env=hub_env(fake_hub, tmp_path, HF_HUB_DOWNLOAD_TIMEOUT="1"), timeout=120)
+    assert_user_error(result, "downloading train.zip", "timed out (nothing received for 1 s)", "re-run later")
+    assert len([p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]) > 1  # it resumed, and was stalled again
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_hub_that_never_answers_is_reported_by_the_probe(tmp_path):
+    with SilentHub() as silent:
+        env = {"HF_ENDPOINT": silent.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HUB_PROBE_TIMEOUT": "1"}
+        # The timeout only stops a hang (without a bounded probe it was 396 s); no timing is asserted.
+        result = run_cli(SCRIPT, "--out", tmp_path / "out", env=env, timeout=120)
+    assert_user_error(result, f"{silent.url} took the connection but then timed out", "HF_HUB_OFFLINE=1")
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-2"])
+def test_a_bad_probe_timeout_is_named(hermetic, raw):
+    hermetic.setenv("HUB_PROBE_TIMEOUT", raw)
+    with pytest.raises(hub.UserError, match=f"HUB_PROBE_TIMEOUT={raw} is not a number of seconds"):
+        hub.probe("http://127.0.0.1:9")
+
+
+def test_huggingface_hubs_waits_are_capped_unless_the_user_set_them(hermetic):
+    from huggingface_hub import constants, file_download
+
+    hermetic.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
+    hub.bound_waits()
+    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == hub.DOWNLOAD_TIMEOUT_S
+    assert file_download._ETAG_RETRY_TIMEOUT == 7  # a hung metadata request is retried with its own timeout
+    hermetic.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "30")  # the user's choice wins (huggingface_hub read it at import)
+    hermetic.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 30)
+    hub.bound_waits()
+    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 30
 
 
 # --- proxies -----------------------------------------------------------------
