@@ -174,7 +174,8 @@ def _download_one(split: str, revision: str, force: bool, offline: bool, log=pri
         with warnings.catch_warnings(), hub.warnings_to(log):
             warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
             return Path(hf_hub_download(REPO_ID, name, repo_type="dataset", revision=revision,
-                                        force_download=force and not offline, local_files_only=offline))
+                                        force_download=force and not offline, local_files_only=offline,
+                                        tqdm_class=hub.progress_bars(name, log)))
     except LocalEntryNotFoundError as e:
         if offline:
             raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {name} of {where} is not in the local Hugging Face "
@@ -207,6 +208,9 @@ def fetch_zips(revision: str, force: bool, log=print) -> dict[str, Path]:
         raise UserError(f"{hub.endpoint()} took the connection but then {words}; the hub or a proxy in between "
                         f"hangs: re-run later, or set HF_HUB_OFFLINE=1 to use the local Hugging Face cache")
     offline = state == hub.OFFLINE
+    if not offline:
+        log(f"Fetching {', '.join(f'{s}.zip' for s in SPLITS)} of {REPO_ID}@{revision} from {hub.endpoint()} "
+            f"(kept in the Hugging Face cache)")
     return {split: _download_one(split, revision, force, offline, log) for split in SPLITS}
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 
 from cli import UserError
@@ -210,3 +211,27 @@ def warnings_to(log):
         yield
     finally:
         logger.handlers, logger.propagate = saved
+
+
+def progress_bars(name: str, log=print):
+    """A tqdm class for hf_hub_download: a bar on a terminal; elsewhere (a log, CI) one line per file with its size.
+
+    Also the line where bars are switched off (HF_HUB_DISABLE_PROGRESS_BARS), so
+    a slow download never runs in silence.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from tqdm import tqdm
+
+    class Progress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)  # huggingface_hub's bar group; plain tqdm rejects it
+            kwargs["desc"] = name  # rather than the URL's last 40 characters (a CDN's hash)
+            total, start = kwargs.get("total"), kwargs.get("initial") or 0
+            if are_progress_bars_disabled() or not sys.stderr.isatty():
+                size = tqdm.format_sizeof(total, "B", 1000) if total else "size unknown"
+                resumed = f", resuming at {tqdm.format_sizeof(start, 'B', 1000)}" if start else ""
+                log(f"  downloading {name} ({size}{resumed})")
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Progress

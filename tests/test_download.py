@@ -3,7 +3,7 @@ hub: the extraction and verification run on small zips built here in the
 corpus' layout, the offline path runs the real CLI with the hub made
 unreachable, and the download path runs it against a stand-in hub
 (tests/hub_server.py). The tests in tests/test_hub.py cover the hub itself:
-reachability, server errors, stalls, proxies."""
+reachability, server errors, stalls, proxies, progress."""
 import importlib.util
 import io
 import json
@@ -16,6 +16,7 @@ from pathlib import Path
 import hub_server
 import pytest
 import torch
+from tqdm import tqdm
 from conftest import DATASET_PATH, SAMPLE, TINY_CONFIG, assert_corpus_written, assert_user_error, hub_corpus, run_cli
 
 import corpus as dl
@@ -257,6 +258,9 @@ def test_cli_downloads_verifies_and_writes_the_corpus(fake_hub, tmp_path):
     for split in dl.SPLITS:  # metadata from the hub, the bytes from its CDN (a 302 to another origin)
         assert ("HEAD", f"{DATASET_PATH}/{split}.zip") in fake_hub.requests
     assert len([p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]) == 1  # only train.zip is that big
+    # Not on a terminal (no progress bar): a line per file with its size.
+    size = tqdm.format_sizeof(len(fake_hub.repos[("datasets", dl.REPO_ID)].files["train.zip"]), "B", 1000)
+    assert f"  downloading train.zip ({size})\n" in result.stdout
 
     # Done already: no request at all. Offline, --force rebuilds from the Hugging Face cache alone.
     asked = len(fake_hub.requests)

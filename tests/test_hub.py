@@ -1,10 +1,16 @@
-"""The hub and the way to it (hub.py): is it there, what a failed download means, how long we wait, proxies,
-and t5-small from the hub.
+"""The hub and the way to it (hub.py): is it there, what a failed download means, how long we wait, what the
+user sees meanwhile, proxies, and t5-small from the hub.
 
 Only a missing connection (or HF_HUB_OFFLINE=1) may pass for "offline"; a hub that answers 500 or 429, or
 stalls, is an error with its status or "timed out". Everything runs against the stand-in hub and proxy
 (tests/hub_server.py, tests/proxy_server.py), whatever hub variables the user exported (`hermetic`).
 """
+
+import os
+import select
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, run_cli
@@ -126,6 +132,46 @@ def test_huggingface_hubs_waits_are_capped_unless_the_user_set_them(hermetic):
     hermetic.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 30)
     hub.bound_waits()
     assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 30
+
+
+# --- what the user sees while it downloads -----------------------------------
+
+def run_on_a_terminal(args, env, tmp_path, timeout=300):
+    """Run a script with stderr on a pseudo-terminal (as in a shell): (exit code, stdout, what the terminal got)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns, as a window has
+    with open(tmp_path / "stdout", "w+") as stdout:
+        proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=stdout, stderr=terminal,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
+        os.close(terminal)
+        shown, deadline = b"", time.monotonic() + timeout  # only stops a hang; no timing is asserted
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the script ended and closed its end
+                    break
+                if not data:
+                    break
+                shown += data
+        os.close(master)
+        code = proc.wait(timeout=60)
+        stdout.seek(0)
+        return code, stdout.read(), shown.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_on_a_terminal_each_file_gets_a_progress_bar(fake_hub, tmp_path):
+    code, stdout, shown = run_on_a_terminal([SCRIPT, "--out", tmp_path / "out"], hub_env(fake_hub, tmp_path), tmp_path)
+    assert code == 0, shown[-2000:]
+    for split in dl.SPLITS:
+        assert f"{split}.zip: 100%" in shown  # tqdm's bar, named by the file rather than the CDN's URL
+    assert "downloading train.zip" not in stdout  # the bar says it; no line besides
 
 
 # --- proxies -----------------------------------------------------------------
