@@ -21,6 +21,9 @@ Guarantees:
   was interrupted (Ctrl-C, kill, a full disk) never looks complete: the next
   run redoes it. Data already there (manifest present) is left alone unless
   force.
+- A zip from the Hugging Face cache that turns out damaged is downloaded
+  again, once: neither download.py nor train.py (which has no --force) stays
+  stuck on it.
 - dedupe drops training dialogues that also occur in the test split, where
   "occur" means identical after whitespace normalisation (runs of whitespace
   collapsed to one space, ends stripped; case and punctuation kept).
@@ -63,14 +66,21 @@ EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
 
 # --- reading and verifying -------------------------------------------------
 
+class DamagedArchive(DataError):
+    """The zip's bytes are broken (not its content unexpected): a fresh download may mend it.
+
+    Its message names no fix, because the fix depends on where the zip came
+    from; `download` adds it (or downloads the zip again).
+    """
+
+
 def _member(zf: zipfile.ZipFile, basename: str, zip_path: Path) -> str:
     # Match by basename under any folder, so a different top-level folder in
     # the archive does not break us; macOS resource forks are not data.
     names = [n for n in zf.namelist()
              if n.rsplit("/", 1)[-1] == basename and not n.startswith("__MACOSX/")]
     if not names:
-        raise DataError(f"{zip_path}: {basename} is missing from the archive "
-                        f"(unexpected layout); re-download it with --force")
+        raise DataError(f"{zip_path}: {basename} is missing from the archive (not DailyDialog's layout)")
     if len(names) > 1:
         raise DataError(f"{zip_path}: {basename} occurs {len(names)} times "
                         f"({', '.join(names)}); cannot tell which one to use")
@@ -87,11 +97,9 @@ def read_split(zip_path: Path, split: str) -> tuple[list[str], list[str], list[s
     except FileNotFoundError:
         raise DataError(f"{zip_path} does not exist") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise DataError(f"{zip_path} is corrupted ({e}); "
-                        f"re-download it with --force") from None
+        raise DamagedArchive(f"{zip_path} is corrupted ({e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{zip_path}: a file is not UTF-8 ({e.reason} at byte "
-                        f"{e.start}); re-download it with --force") from None
+        raise DamagedArchive(f"{zip_path}: a file is not UTF-8 ({e.reason} at byte {e.start})") from None
     dialogues, acts, emotions = (split_lines(t) for t in texts)
     return dialogues, acts, emotions
 
@@ -214,6 +222,42 @@ def fetch_zips(revision: str, force: bool, log=print) -> dict[str, Path]:
     return {split: _download_one(split, revision, force, offline, log) for split in SPLITS}
 
 
+def _not_the_corpus(from_dir: Path | None) -> str:
+    """The fix for a zip whose content is not the corpus this project knows."""
+    if from_dir:
+        return f"put the three original DailyDialog zips in {from_dir}"
+    return (f"the hub's copy differs from the corpus this project knows: try another revision "
+            f"(`{DOWNLOAD_SCRIPT} --revision REV`) or the original zips (`{DOWNLOAD_SCRIPT} --from-dir DIR`)")
+
+
+def _read_zip(zips: dict[str, Path], split: str, revision: str, from_dir: Path | None, log):
+    """read_split, where a damaged copy in the Hugging Face cache is downloaded again, once.
+
+    huggingface_hub never checks a cached file again after its download, so a
+    truncated or bit-flipped one would otherwise fail every later run; this is
+    also how train.py, which has no --force, gets past it.
+    """
+    try:
+        return read_split(zips[split], split)
+    except DamagedArchive as e:
+        if from_dir:
+            raise DataError(f"{e}; copy an intact {split}.zip into {from_dir}") from None
+        if hub.offline():
+            raise DataError(f"{e}: the Hugging Face cache's copy, which HF_HUB_OFFLINE=1 forbids downloading "
+                            f"again; unset HF_HUB_OFFLINE and re-run") from None
+        log(f"  {split}.zip in the Hugging Face cache is damaged ({e}); downloading it again")
+    except DataError as e:
+        raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
+    zips[split] = _download_one(split, revision, force=True, offline=False, log=log)
+    try:
+        return read_split(zips[split], split)
+    except DamagedArchive as e:
+        raise DataError(f"{e}, also as downloaded again from {REPO_ID}@{revision}: the hub's copy is damaged; "
+                        f"re-run later, or get the zips elsewhere and run `{DOWNLOAD_SCRIPT} --from-dir DIR`") from None
+    except DataError as e:
+        raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
+
+
 def _commit_of(zip_path: Path) -> str | None:
     # The HF cache stores files under .../snapshots/<commit sha>/<file>.
     return zip_path.parent.name if zip_path.parent.parent.name == "snapshots" else None
@@ -269,8 +313,11 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
     # leaves the output directory untouched.
     dialogues = {}
     for split in SPLITS:
-        lines, acts, emotions = read_split(zips[split], split)
-        verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
+        lines, acts, emotions = _read_zip(zips, split, revision, from_dir, log)
+        try:
+            verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
+        except DataError as e:
+            raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
         dialogues[split] = lines
         log(f"  {split}: {len(lines)} dialogues verified (layout, count, act/emotion labels per turn)")
 

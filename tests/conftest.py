@@ -99,6 +99,14 @@ def assert_corpus_written(out, commit):
     assert corpus.available(out) and not [p for p in out.iterdir() if p.name.endswith(".part")]
 
 
+def damage_cached(hf_home, name):
+    """Cut in half the blob a download of the corpus' ``name`` left in the Hugging Face cache under hf_home."""
+    blobs = {p.resolve() for p in Path(hf_home).rglob(name) if "snapshots" in p.parts}
+    assert len(blobs) == 1, blobs
+    blob = blobs.pop()
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+
+
 @pytest.fixture(scope="session")
 def hub_repos(tiny_model, tmp_path_factory):
     """What the stand-in hub serves: the tiny T5 as google-t5/t5-small (t5-small redirects to it, as on the

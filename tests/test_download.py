@@ -3,7 +3,7 @@ hub: the extraction and verification run on small zips built here in the
 corpus' layout, the offline path runs the real CLI with the hub made
 unreachable, and the download path runs it against a stand-in hub
 (tests/hub_server.py). The tests in tests/test_hub.py cover the hub itself:
-reachability, server errors, stalls, proxies, progress."""
+reachability, server errors, stalls, damaged copies, proxies, progress."""
 import importlib.util
 import io
 import json
@@ -211,6 +211,7 @@ def test_main_bad_archive_writes_nothing(zips, tmp_path, capsys, monkeypatch):
     assert run_main(zips, out) == 2
     err = capsys.readouterr().err
     assert err.startswith("download.py: error: ") and err.count("\n") == 1 and "test.zip" in err
+    assert f"copy an intact test.zip into {zips}" in err  # the user's own zips: nothing to download again
     assert not out.exists()
 
     make_zip(zips / "test.zip", "test")

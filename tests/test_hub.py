@@ -13,8 +13,9 @@ import sys
 import time
 
 import pytest
-from conftest import DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, run_cli
-from hub_server import SilentHub
+from conftest import (DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, damage_cached,
+                      run_cli)
+from hub_server import FakeHub, Repo, SilentHub
 
 import corpus as dl
 import hub
@@ -132,6 +133,36 @@ def test_huggingface_hubs_waits_are_capped_unless_the_user_set_them(hermetic):
     hermetic.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 30)
     hub.bound_waits()
     assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 30
+
+
+# --- a damaged copy: downloaded again once, else one line naming a fix that works ------------
+
+@pytest.mark.slow
+def test_a_damaged_zip_in_the_hub_cache_is_downloaded_again(fake_hub, tmp_path):
+    env, out = hub_env(fake_hub, tmp_path), tmp_path / "out"
+    assert run_cli(SCRIPT, "--out", tmp_path / "first", env=env).returncode == 0
+    damage_cached(tmp_path / "hf", "train.zip")  # huggingface_hub never checks it again
+
+    # Offline it cannot be mended; the line says what can, and doing just that works.
+    result = run_cli(SCRIPT, "--out", out, env={**env, "HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "train.zip", "corrupted", "unset HF_HUB_OFFLINE and re-run")
+    fetched = len([p for p in fake_hub.paths("GET") if p.startswith("/cdn/")])
+    result = run_cli(SCRIPT, "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train.zip in the Hugging Face cache is damaged" in result.stdout and "downloading it again" in result.stdout
+    assert len([p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]) == fetched + 1
+    assert_corpus_written(out, fake_hub.repos[("datasets", dl.REPO_ID)].commit)
+
+
+@pytest.mark.slow
+def test_a_zip_the_hub_serves_damaged_is_one_line_naming_a_way_round(hub_repos, tmp_path):
+    good = hub_repos[0][("datasets", dl.REPO_ID)]
+    flipped = bytearray(good.files["train.zip"])
+    flipped[60] ^= 0xFF  # inside the first member's compressed data; the size stays right
+    with FakeHub({("datasets", dl.REPO_ID): Repo({**good.files, "train.zip": bytes(flipped)})}) as bad:
+        result = run_cli(SCRIPT, "--out", tmp_path / "out", env=hub_env(bad, tmp_path))
+    assert_user_error(result, "corrupted", "also as downloaded again", "`python data/download.py --from-dir DIR`")
+    assert not (tmp_path / "out").exists()
 
 
 # --- what the user sees while it downloads -----------------------------------

@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, STAND_IN_HOST, assert_user_error, hub_corpus, run_cli
+from conftest import ROOT, STAND_IN_HOST, assert_user_error, damage_cached, hub_corpus, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hermetic")]  # hermetic: none of the user's hub variables
 
@@ -91,3 +91,18 @@ def test_a_hub_answering_500_stops_train_py_instead_of_training_on_the_sample(cl
     assert "demo sample" not in result.stdout
     assert not (clone / "data" / "dailydialog").exists() and not (clone / "checkpoints" / "checkpoints.json").exists()
 
+
+def test_train_py_mends_a_damaged_zip_in_the_hub_cache(clone, fake_hub, tmp_path):
+    """train.py has no --force: it downloads a damaged cached zip again by itself; offline, its one line names a fix
+    that works from train.py, which is then done."""
+    env = fake_hub.env(tmp_path / "hf")
+    assert run_in(clone, "data/download.py", "--out", tmp_path / "first", env=env).returncode == 0  # fills the cache
+    damage_cached(tmp_path / "hf", "train.zip")
+
+    result = run_in(clone, "train.py", "--max-steps", "2", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "train.zip", "corrupted", "unset HF_HUB_OFFLINE and re-run")
+    result = run_in(clone, "train.py", "--max-steps", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.zip in the Hugging Face cache is damaged" in result.stdout and "downloading it again" in result.stdout
+    assert "data: the full DailyDialog corpus" in result.stdout
+    assert (clone / "data" / "dailydialog" / "train.txt").read_text().splitlines() == hub_corpus()["train"]
