@@ -21,12 +21,19 @@ Guarantees:
   was interrupted (Ctrl-C, kill, a full disk) never looks complete: the next
   run redoes it. Data already there (manifest present) is left alone unless
   force.
+- A zip from the Hugging Face cache that turns out damaged is downloaded
+  again, once: neither download.py nor train.py (which has no --force) stays
+  stuck on it.
 - dedupe drops training dialogues that also occur in the test split, where
   "occur" means identical after whitespace normalisation (runs of whitespace
   collapsed to one space, ends stripped; case and punctuation kept).
 - Every problem the user can fix is a `cli.UserError` with a one-line
-  message naming the fix; `HubUnreachable` when the hub cannot be reached,
-  `dataset.DataError` when an archive is damaged.
+  message naming the fix; `dataset.DataError` when an archive is damaged.
+  `HubUnreachable` (which lets train.py fall back to its sample) only when
+  there is no connection to the hub or HF_HUB_OFFLINE=1 leaves a zip out of
+  reach: a hub that answers 500 or 429, or stalls, is an error naming its
+  status or "timed out" (see hub.py). Fixes are named as commands that work
+  from train.py too (`python data/download.py ...`).
 """
 
 from __future__ import annotations
@@ -39,8 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hub
+from hub import HubUnreachable
 from cli import UserError
-from files import describe_os_error, first_line, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
+from files import describe_os_error, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
 from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
 
 REPO_ID = "roskoN/dailydialog"
@@ -57,15 +65,15 @@ ACT_LABELS = {"1", "2", "3", "4"}
 EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
 
 
-class HubUnreachable(UserError):
-    """The hub cannot be reached and the cache cannot stand in for it.
+# --- reading and verifying -------------------------------------------------
 
-    Its own type so that a caller can fall back (e.g. to the project's sample
-    dialogues) where a damaged archive must still stop it.
+class DamagedArchive(DataError):
+    """The zip's bytes are broken (not its content unexpected): a fresh download may mend it.
+
+    Its message names no fix, because the fix depends on where the zip came
+    from; `download` adds it (or downloads the zip again).
     """
 
-
-# --- reading and verifying -------------------------------------------------
 
 def _member(zf: zipfile.ZipFile, basename: str, zip_path: Path) -> str:
     # Match by basename under any folder, so a different top-level folder in
@@ -73,8 +81,7 @@ def _member(zf: zipfile.ZipFile, basename: str, zip_path: Path) -> str:
     names = [n for n in zf.namelist()
              if n.rsplit("/", 1)[-1] == basename and not n.startswith("__MACOSX/")]
     if not names:
-        raise DataError(f"{zip_path}: {basename} is missing from the archive "
-                        f"(unexpected layout); re-download it with --force")
+        raise DataError(f"{zip_path}: {basename} is missing from the archive (not DailyDialog's layout)")
     if len(names) > 1:
         raise DataError(f"{zip_path}: {basename} occurs {len(names)} times "
                         f"({', '.join(names)}); cannot tell which one to use")
@@ -91,11 +98,9 @@ def read_split(zip_path: Path, split: str) -> tuple[list[str], list[str], list[s
     except FileNotFoundError:
         raise DataError(f"{zip_path} does not exist") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise DataError(f"{zip_path} is corrupted ({e}); "
-                        f"re-download it with --force") from None
+        raise DamagedArchive(f"{zip_path} is corrupted ({e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{zip_path}: a file is not UTF-8 ({e.reason} at byte "
-                        f"{e.start}); re-download it with --force") from None
+        raise DamagedArchive(f"{zip_path}: a file is not UTF-8 ({e.reason} at byte {e.start})") from None
     dialogues, acts, emotions = (split_lines(t) for t in texts)
     return dialogues, acts, emotions
 
@@ -164,47 +169,94 @@ def _write_outputs(out: Path, dialogues: dict[str, list[str]], manifest: dict, l
 
 # --- fetching --------------------------------------------------------------
 
-def _download_one(split: str, revision: str, force: bool, offline: bool) -> Path:
+DOWNLOAD_SCRIPT = "python data/download.py"  # named in fixes, so they work from train.py as well
+
+
+def _download_one(split: str, revision: str, force: bool, offline: bool, log=print) -> Path:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
-    where = f"{REPO_ID}@{revision}"
+    where, name = f"{REPO_ID}@{revision}", f"{split}.zip"
     try:
-        with warnings.catch_warnings():  # a full disk is reported below, in one line, if it really happens
+        # A full disk is reported below, in one line, if it really happens.
+        with warnings.catch_warnings(), hub.warnings_to(log):
             warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
-            return Path(hf_hub_download(REPO_ID, f"{split}.zip", repo_type="dataset", revision=revision,
-                                        force_download=force and not offline, local_files_only=offline))
+            return Path(hf_hub_download(REPO_ID, name, repo_type="dataset", revision=revision,
+                                        force_download=force and not offline, local_files_only=offline,
+                                        tqdm_class=hub.progress_bars(name, log)))
     except LocalEntryNotFoundError as e:
         if offline:
-            raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {split}.zip of {where} is not in the local Hugging Face "
+            raise HubUnreachable(f"HF_HUB_OFFLINE=1 and {name} of {where} is not in the local Hugging Face "
                                  f"cache; unset HF_HUB_OFFLINE and run with internet, or pass --from-dir") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
-                             f"check your connection") from None
+        raise hub.download_error(e, name, where) from None
     except RevisionNotFoundError:
         raise UserError(f"revision {revision!r} does not exist in {REPO_ID}; check --revision") from None
     except RepositoryNotFoundError:
-        raise UserError(f"dataset repo {REPO_ID} not found (moved or made private?); "
-                        f"download the zips by hand and pass --from-dir") from None
+        raise UserError(f"dataset repo {REPO_ID} not found (moved or made private?); download the zips by hand "
+                        f"and run `{DOWNLOAD_SCRIPT} --from-dir DIR`") from None
     except EntryNotFoundError:
-        raise UserError(f"{split}.zip not found in {where}; the repo layout changed, try another --revision") from None
+        raise UserError(f"{name} not found in {where}; the repo layout changed: try another revision "
+                        f"(`{DOWNLOAD_SCRIPT} --revision REV`)") from None
     except Exception as e:  # network stacks raise many types; report, don't trace
         if is_disk_full(e):
-            raise UserError(f"disk full while downloading {split}.zip into the Hugging Face cache "
+            raise UserError(f"disk full while downloading {name} into the Hugging Face cache "
                             f"{constants.HF_HUB_CACHE}; free some space there (or point HF_HUB_CACHE at "
                             f"another disk) and re-run") from None
-        raise HubUnreachable(f"could not download {split}.zip from {where} ({first_line(e)}); "
-                             f"check your connection and retry") from None
+        raise hub.download_error(e, name, where) from None
 
 
-def fetch_zips(revision: str, force: bool) -> dict[str, Path]:
+def fetch_zips(revision: str, force: bool, log=print) -> dict[str, Path]:
     """Download (or take from the HF cache) the three split zips."""
-    offline = hub.offline()
-    if not offline and not hub.hub_reachable():
-        raise HubUnreachable(f"cannot reach {hub.endpoint()} (offline?); connect to the internet, set "
+    state, words = hub.probe()
+    if state == hub.UNREACHABLE:
+        raise HubUnreachable(f"cannot reach {hub.endpoint()} ({words}; offline?); connect to the internet, set "
                              f"HF_HUB_OFFLINE=1 to use the local Hugging Face cache, or pass --from-dir "
                              f"with the three zips")
-    return {split: _download_one(split, revision, force, offline) for split in SPLITS}
+    if state == hub.NO_ANSWER:
+        raise UserError(f"{hub.endpoint()} took the connection but then {words}; the hub or a proxy in between "
+                        f"hangs: re-run later, or set HF_HUB_OFFLINE=1 to use the local Hugging Face cache")
+    offline = state == hub.OFFLINE
+    if not offline:
+        log(f"Fetching {', '.join(f'{s}.zip' for s in SPLITS)} of {REPO_ID}@{revision} from {hub.endpoint()} "
+            f"(kept in the Hugging Face cache)")
+    return {split: _download_one(split, revision, force, offline, log) for split in SPLITS}
+
+
+def _not_the_corpus(from_dir: Path | None) -> str:
+    """The fix for a zip whose content is not the corpus this project knows."""
+    if from_dir:
+        return f"put the three original DailyDialog zips in {from_dir}"
+    return (f"the hub's copy differs from the corpus this project knows: try another revision "
+            f"(`{DOWNLOAD_SCRIPT} --revision REV`) or the original zips (`{DOWNLOAD_SCRIPT} --from-dir DIR`)")
+
+
+def _read_zip(zips: dict[str, Path], split: str, revision: str, from_dir: Path | None, log):
+    """read_split, where a damaged copy in the Hugging Face cache is downloaded again, once.
+
+    huggingface_hub never checks a cached file again after its download, so a
+    truncated or bit-flipped one would otherwise fail every later run; this is
+    also how train.py, which has no --force, gets past it.
+    """
+    try:
+        return read_split(zips[split], split)
+    except DamagedArchive as e:
+        if from_dir:
+            raise DataError(f"{e}; copy an intact {split}.zip into {from_dir}") from None
+        if hub.offline():
+            raise DataError(f"{e}: the Hugging Face cache's copy, which HF_HUB_OFFLINE=1 forbids downloading "
+                            f"again; unset HF_HUB_OFFLINE and re-run") from None
+        log(f"  {split}.zip in the Hugging Face cache is damaged ({e}); downloading it again")
+    except DataError as e:
+        raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
+    zips[split] = _download_one(split, revision, force=True, offline=False, log=log)
+    try:
+        return read_split(zips[split], split)
+    except DamagedArchive as e:
+        raise DataError(f"{e}, also as downloaded again from {REPO_ID}@{revision}: the hub's copy is damaged; "
+                        f"re-run later, or get the zips elsewhere and run `{DOWNLOAD_SCRIPT} --from-dir DIR`") from None
+    except DataError as e:
+        raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
 
 
 def _commit_of(zip_path: Path) -> str | None:
@@ -254,7 +306,7 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
         log(LICENSE)
         return out
 
-    zips = {s: Path(from_dir) / f"{s}.zip" for s in SPLITS} if from_dir else fetch_zips(revision, force)
+    zips = {s: Path(from_dir) / f"{s}.zip" for s in SPLITS} if from_dir else fetch_zips(revision, force, log)
     commit = _commit_of(zips["train"])
     log(f"Source: {source}" + (f" (commit {commit})" if commit else ""))
 
@@ -262,8 +314,11 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
     # leaves the output directory untouched.
     dialogues = {}
     for split in SPLITS:
-        lines, acts, emotions = read_split(zips[split], split)
-        verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
+        lines, acts, emotions = _read_zip(zips, split, revision, from_dir, log)
+        try:
+            verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
+        except DataError as e:
+            raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
         dialogues[split] = lines
         log(f"  {split}: {len(lines)} dialogues verified (layout, count, act/emotion labels per turn)")
 

@@ -5,9 +5,11 @@
                             [--from-dir DIR]
 
 Writes DIR/{train,validation,test}.txt and DIR/download_info.json. Offline,
-hub unreachable, a damaged archive or a full disk: one line on stderr, exit
-code 2, nothing half-written left. With HF_HUB_OFFLINE=1 only the local
-Hugging Face cache is used.
+hub unreachable, a hub that answers an error (500, 429...) or stalls, a
+damaged archive or a full disk: one line on stderr, exit code 2, nothing
+half-written left (a zip found damaged in the Hugging Face cache is first
+downloaded again, once). With HF_HUB_OFFLINE=1 only the local Hugging Face
+cache is used. Progress: a bar per file on a terminal, else a line per file.
 """
 
 from __future__ import annotations

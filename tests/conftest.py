@@ -84,6 +84,29 @@ def hub_corpus() -> dict[str, list[str]]:
     return made
 
 
+DATASET_PATH = "/datasets/roskoN/dailydialog/resolve/main"  # where the stand-in hub serves the corpus' zips
+
+
+def assert_corpus_written(out, commit):
+    """out holds hub_corpus() as download.py writes it, complete, from that commit."""
+    import json
+
+    import corpus
+
+    for split in corpus.SPLITS:
+        assert (out / f"{split}.txt").read_text(encoding="utf-8").splitlines() == hub_corpus()[split]
+    assert json.loads((out / corpus.MANIFEST).read_text())["commit"] == commit
+    assert corpus.available(out) and not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+def damage_cached(hf_home, name):
+    """Cut in half the blob a download of the corpus' ``name`` left in the Hugging Face cache under hf_home."""
+    blobs = {p.resolve() for p in Path(hf_home).rglob(name) if "snapshots" in p.parts}
+    assert len(blobs) == 1, blobs
+    blob = blobs.pop()
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+
+
 @pytest.fixture(scope="session")
 def hub_repos(tiny_model, tmp_path_factory):
     """What the stand-in hub serves: the tiny T5 as google-t5/t5-small (t5-small redirects to it, as on the
@@ -113,7 +136,36 @@ def fake_hub(hub_repos):
 def fake_proxy(fake_hub):
     """A forward proxy that alone can reach fake_hub under the name hub.invalid (STAND_IN_HOST):
     .url, .requests [(method, target)], .connections, .env() with HTTP(S)_PROXY set."""
-    from hub_server import FakeProxy
+    from proxy_server import FakeProxy
 
     with FakeProxy({"hub.invalid": ("127.0.0.1", fake_hub.port)}) as proxy:
         yield proxy
+
+
+# What the user may have exported that changes where the hub is, whether it is asked, how long it is waited
+# for and through which proxy: HF_HUB_OFFLINE=1 is common on clusters, a proxy in companies.
+HUB_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_TOKEN",
+                 "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_VERBOSITY",
+                 "HUB_PROBE_TIMEOUT",
+                 *(n for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY") for n in (name, name.lower())))
+
+
+@pytest.fixture
+def hermetic(monkeypatch, tmp_path):
+    """None of the user's hub variables (HUB_VARIABLES): each test sets exactly what it needs, and its
+    subprocesses inherit the same. huggingface_hub reads some of them once, at import, into `constants`:
+    those are reset too, and whatever the product changes there (hub.bound_waits) is undone afterwards."""
+    from huggingface_hub import constants, file_download
+
+    for name in HUB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # never the user's own cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", constants._HF_DEFAULT_ENDPOINT)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        constants._HF_DEFAULT_ENDPOINT + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", constants.DEFAULT_ETAG_TIMEOUT)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", constants.DEFAULT_DOWNLOAD_TIMEOUT)
+    monkeypatch.setattr(file_download, "_ETAG_RETRY_TIMEOUT", file_download._ETAG_RETRY_TIMEOUT)
+    return monkeypatch

@@ -1,4 +1,4 @@
-"""A stand-in Hugging Face hub and an HTTP proxy, both on 127.0.0.1, for tests.
+"""A stand-in Hugging Face hub on 127.0.0.1, for tests (its proxy: proxy_server.py).
 
 `FakeHub` answers what huggingface_hub's `hf_hub_download` and transformers'
 `from_pretrained` ask of huggingface.co (see huggingface_hub/file_download.py):
@@ -15,12 +15,16 @@
 - ``GET /api/{models,datasets}/{repo}[/revision/{rev}]`` and
   ``.../tree/{rev}[/{path}]``: repo info and file listings.
 
-Every request is recorded in ``requests`` as ``(method, path)``.
+Every request is recorded in ``requests`` as ``(method, path)``. A ``GET``
+of a file honours ``Range: bytes=N-`` (206), as the hub and its CDN do, so the
+client can resume.
 
-`FakeProxy` is a forward proxy: absolute-URI ``GET``/``HEAD`` and
-``CONNECT`` tunnels. ``hosts`` maps names only it can resolve (e.g.
-``hub.invalid``) to real addresses; it records what passed in ``requests`` as
-``(method, target)`` and counts connections, including bare TCP probes.
+Faults, as a hub on a bad day has them: ``faults[file name]`` set to a status
+(``500``, ``429``, ...) answers every request for that file (metadata and
+bytes) with it, and ``Retry-After: 0`` so the client's own retries take
+seconds rather than minutes; set to ``"stall"`` the file's bytes stop half-way
+(and a resumed request gets none) while the connection stays open.
+`SilentHub` takes connections and never answers at all.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import select
+import re
 import socket
 import threading
 import zipfile
@@ -106,8 +110,14 @@ class FakeHub(_Stopping):
         self.repos = repos
         self.aliases = aliases or {}
         self.requests: list[tuple[str, str]] = []
+        self.faults: dict[str, int | str] = {}  # file name -> an HTTP status to answer, or "stall"
+        self.closing = threading.Event()  # ends the stalls, so that close() does not wait for them
         self._lock = threading.Lock()
         self._serve(_HubHandler)
+
+    def close(self):
+        self.closing.set()
+        super().close()
 
     def env(self, cache_dir, endpoint: str | None = None) -> dict[str, str]:
         """Variables for a subprocess that must use this hub (and nothing else) with its own cache."""
@@ -193,6 +203,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         data = repo.files.get(filename)
         if data is None:
             return self._error(404, "EntryNotFound", f"{filename} does not exist on main", {"X-Repo-Commit": repo.commit})
+        if self._failed(filename):
+            return
         headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
         if len(data) > LFS_THRESHOLD:
             sha256 = hashlib.sha256(data).hexdigest()
@@ -200,14 +212,42 @@ class _HubHandler(BaseHTTPRequestHandler):
                             "ETag": f'"{git_blob_sha1(data)}"', "Location": f"http://localhost:{self.hub.port}/cdn/{sha256}"})
             return self._send(302, b"", headers, body)
         headers["ETag"] = f'"{git_blob_sha1(data)}"'
-        self._send(200, data, headers, body)
+        self._file(filename, data, headers, body)
 
     def _cdn(self, parts, body):
         for repo in self.hub.repos.values():
-            for data in repo.files.values():
+            for filename, data in repo.files.items():
                 if parts and hashlib.sha256(data).hexdigest() == parts[0]:
-                    return self._send(200, data, {"ETag": f'"{parts[0]}"', "Content-Type": "application/octet-stream"}, body)
+                    if self._failed(filename):
+                        return
+                    return self._file(filename, data, {"ETag": f'"{parts[0]}"', "Content-Type": "application/octet-stream"},
+                                      body)
         self._send(404, b"NoSuchKey", {}, body)
+
+    # --- faults and file bytes
+
+    def _failed(self, filename) -> bool:
+        """Answer with the file's fault status, if it has one."""
+        status = self.hub.faults.get(filename)
+        if not isinstance(status, int):
+            return False
+        self._error(status, "", http.client.responses.get(status, "Error"), {"Retry-After": "0"})
+        return True
+
+    def _file(self, filename, data: bytes, headers: dict, body: bool):
+        start = 0
+        wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")) if body else None
+        if wanted and 0 < int(wanted[1]) < len(data):
+            start = int(wanted[1])
+            headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        if self.hub.faults.get(filename) != "stall" or not body:
+            return self._send(206 if start else 200, data[start:], headers, body)
+        # Promise the whole rest, send what comes before the half-way mark, then nothing: a stall, not a close.
+        self._send(206 if start else 200, data[start : max(start, len(data) // 2)], {**headers, "Content-Length":
+                   str(len(data) - start)}, body)
+        self.wfile.flush()
+        self.hub.closing.wait()
+        self.close_connection = True
 
     def _api(self, kinds, parts, body):
         kind = {"models": "models", "datasets": "datasets"}.get(kinds)
@@ -266,125 +306,28 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _send(self, status, data: bytes, headers: dict, body: bool):
         self.send_response(status)
+        headers = {"Content-Length": str(len(data)), **headers}
         for k, v in headers.items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if body:
             self.wfile.write(data)
 
 
-class FakeProxy(_Stopping):
-    """A forward HTTP proxy. ``hosts`` maps a host name to the (host, port) it really is."""
+class SilentHub:
+    """A hub that hangs: the kernel completes every connection (a listening socket's backlog) and nothing
+    is ever read or answered. ``.url``; closing it resets the connections waiting on it."""
 
-    def __init__(self, hosts: dict[str, tuple[str, int]] | None = None):
-        self.hosts = dict(hosts or {})
-        self.requests: list[tuple[str, str]] = []
-        self.connections = 0
-        self._lock = threading.Condition()
-        self._serve(_ProxyHandler)
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
 
-    def env(self) -> dict[str, str]:
-        """Variables that send a subprocess's HTTP and HTTPS traffic through this proxy."""
-        names = {"HTTP_PROXY": self.url, "HTTPS_PROXY": self.url, "ALL_PROXY": "", "NO_PROXY": ""}
-        return {n: v for name, v in names.items() for n in (name, name.lower())}
+    def close(self):
+        self.socket.close()
 
-    def record(self, method, target):
-        with self._lock:
-            self.requests.append((method, target))
+    def __enter__(self):
+        return self
 
-    def count_connection(self):
-        with self._lock:
-            self.connections += 1
-            self._lock.notify_all()
-
-    def wait_for_connections(self, n: int, timeout: float = 30) -> bool:
-        """True once n connections have come in (they are counted on the server's own thread)."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self.connections >= n, timeout)
-
-    def address(self, host: str, port: int) -> tuple[str, int]:
-        return self.hosts.get(host, (host, port))
-
-
-class _ProxyHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    @property
-    def proxy(self) -> FakeProxy:
-        return self.server.owner
-
-    def setup(self):
-        super().setup()
-        self.proxy.count_connection()
-
-    def do_GET(self):
-        self._forward()
-
-    def do_HEAD(self):
-        self._forward()
-
-    def _forward(self):
-        self.proxy.record(self.command, self.path)
-        url = urlsplit(self.path)
-        if url.scheme != "http" or not url.hostname:
-            return self._answer(400, b"absolute http:// URI expected")
-        host, port = self.proxy.address(url.hostname, url.port or 80)
-        headers = {k: v for k, v in self.headers.items()
-                   if k.lower() not in ("proxy-connection", "proxy-authorization", "connection", "keep-alive")}
-        conn = http.client.HTTPConnection(host, port, timeout=30)
-        try:
-            conn.request(self.command, url.path + (f"?{url.query}" if url.query else ""), headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except OSError as e:
-            return self._answer(502, f"proxy: {e}".encode())
-        finally:
-            conn.close()
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
-                self.send_header(k, v)
-        length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def do_CONNECT(self):
-        self.proxy.record("CONNECT", self.path)
-        name, _, port = self.path.rpartition(":")
-        try:
-            upstream = socket.create_connection(self.proxy.address(name, int(port)), timeout=30)
-        except (OSError, ValueError) as e:
-            return self._answer(502, f"proxy: {e}".encode())
-        self.send_response(200, "Connection established")
-        self.end_headers()
-        self._pipe(self.connection, upstream)
-        self.close_connection = True
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket):
-        try:
-            while True:
-                ready, _, _ = select.select([a, b], [], [], 30)
-                if not ready:
-                    return
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    (b if s is a else a).sendall(data)
-        except OSError:
-            return
-        finally:
-            b.close()
-
-    def _answer(self, status, data: bytes):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def __exit__(self, *exc):
+        self.close()

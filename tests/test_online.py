@@ -10,9 +10,9 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, STAND_IN_HOST, hub_corpus, run_cli
+from conftest import ROOT, STAND_IN_HOST, assert_user_error, damage_cached, hub_corpus, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hermetic")]  # hermetic: none of the user's hub variables
 
 
 @pytest.fixture
@@ -65,8 +65,12 @@ def test_behind_a_proxy_train_py_downloads_and_loads_through_it(clone, fake_hub,
     assert fake_proxy.requests  # everything went through the proxy
 
 
-def test_offline_plain_train_py_uses_the_demo_sample_and_says_so(clone, tmp_path):
-    result = run_in(clone, "train.py", "--max-steps", "2", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+@pytest.mark.parametrize("offline", [
+    {"HF_HUB_OFFLINE": "1"},
+    {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # connection refused: nothing listens there
+])
+def test_offline_plain_train_py_uses_the_demo_sample_and_says_so(clone, tmp_path, offline):
+    result = run_in(clone, "train.py", "--max-steps", "2", env={**offline, "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "demo sample" in result.stdout and "FROM SCRATCH" in result.stdout
     assert not (clone / "data" / "dailydialog").exists()
@@ -77,3 +81,28 @@ def test_no_download_keeps_the_sample_even_online(clone, fake_hub, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--no-download" in result.stdout and not (clone / "data" / "dailydialog").exists()
     assert not any(path.endswith(".zip") for path in fake_hub.paths())
+
+
+def test_a_hub_answering_500_stops_train_py_instead_of_training_on_the_sample(clone, fake_hub, tmp_path):
+    """The hub is there (it would serve t5-small): a server error is an error, not "offline"."""
+    fake_hub.faults["train.zip"] = 500
+    result = run_in(clone, "train.py", "--max-steps", "2", env=fake_hub.env(tmp_path / "hf"))
+    assert_user_error(result, "the hub answered 500 Internal Server Error for train.zip", "re-run later")
+    assert "demo sample" not in result.stdout
+    assert not (clone / "data" / "dailydialog").exists() and not (clone / "checkpoints" / "checkpoints.json").exists()
+
+
+def test_train_py_mends_a_damaged_zip_in_the_hub_cache(clone, fake_hub, tmp_path):
+    """train.py has no --force: it downloads a damaged cached zip again by itself; offline, its one line names a fix
+    that works from train.py, which is then done."""
+    env = fake_hub.env(tmp_path / "hf")
+    assert run_in(clone, "data/download.py", "--out", tmp_path / "first", env=env).returncode == 0  # fills the cache
+    damage_cached(tmp_path / "hf", "train.zip")
+
+    result = run_in(clone, "train.py", "--max-steps", "2", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "train.zip", "corrupted", "unset HF_HUB_OFFLINE and re-run")
+    result = run_in(clone, "train.py", "--max-steps", "2", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.zip in the Hugging Face cache is damaged" in result.stdout and "downloading it again" in result.stdout
+    assert "data: the full DailyDialog corpus" in result.stdout
+    assert (clone / "data" / "dailydialog" / "train.txt").read_text().splitlines() == hub_corpus()["train"]
