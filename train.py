@@ -99,9 +99,11 @@ def choose_data(args, rank: int, world: int, log) -> str:
 
 def load_model(args, typed: set[str], resume_from: Path | None, log):
     """(model, tokenizer, saved training state or None): the checkpoint resumed, else --model."""
+    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the library's loading and saving bars would drown ours
+    hf_logging.disable_progress_bar()  # the library's loading and saving bars would drown ours...
+    enable_progress_bars()  # ...but a model downloaded from the hub shows how far it got
     if resume_from:
         return (*models.load_checkpoint(resume_from), ckpt.load_training_state(resume_from))
     model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, args.train_file,
