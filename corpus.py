@@ -384,7 +384,7 @@ def choose_data(train_file, val_file, no_download: bool, may_download: bool, log
                 pass  # offline: the demo sample, with the note
         base = DEFAULT_OUT if available(DEFAULT_OUT) else SAMPLE_DATA
         if base == SAMPLE_DATA:
-            why_sample = "--no-download" if no_download else "the Hugging Face hub did not answer"
+            why_sample = "--no-download" if no_download else "the Hugging Face hub cannot be reached"
         train_file, val_file = base / "train.txt", val_file or base / "validation.txt"
     elif val_file is None:
         candidate = Path(train_file).with_name("validation.txt")
