@@ -42,14 +42,13 @@ import json
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import hub
 from hub import HubUnreachable
 from cli import UserError
 from files import describe_os_error, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
-from dataset import EOU, DailyDialogDataset, DataError, holdout, read_dialogues, split_lines
+from dataset import EOU, DataError, split_lines
 
 REPO_ID = "roskoN/dailydialog"
 # Should be pinned to a commit sha of roskoN/dailydialog once verified: every
@@ -335,77 +334,3 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
     _write_outputs(out, dialogues, manifest, log)
     log(LICENSE + " It is downloaded for your use; do not redistribute it with this project.")
     return out
-
-
-# ---------------------------------------------------------------- which data a run trains on
-
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"  # the project's own small demo dialogues
-
-
-def absolute(path):
-    """Paths are recorded absolute, so --resume works from any directory."""
-    return str(Path(path).resolve()) if path else path
-
-
-@dataclass(frozen=True)
-class DataChoice:
-    """The files a run trains and validates on; no validation file means a held-out share of the training file."""
-
-    train_file: str
-    val_file: str | None
-    why_sample: str | None = None  # set when the demo sample stands in for the corpus
-
-    def note(self, val_share: float, seed: int) -> str:
-        """One line for the banner saying what the data is."""
-        if self.why_sample:
-            return (f"note: training on the project's small demo sample (data/sample; {self.why_sample}); for real results "
-                    "run `python data/download.py` or train with a connection to get the full DailyDialog corpus")
-        if Path(self.train_file).parent == DEFAULT_OUT:
-            return "data: the full DailyDialog corpus in data/dailydialog"
-        if self.val_file is None:
-            return f"data: {self.train_file}, {val_share:.0%} of its dialogues held out for validation (seed {seed})"
-        return f"data: {self.train_file} (validation: {self.val_file})"
-
-
-def choose_data(train_file, val_file, no_download: bool, may_download: bool, log) -> DataChoice:
-    """The data train.py uses for its --train-file/--val-file.
-
-    No --train-file: the corpus in data/dailydialog, downloaded first when the
-    hub answers (unless --no-download), else the demo sample. A training file
-    with no validation.txt beside it gets no validation file: the run then holds
-    out --val-share of its dialogues (`load_datasets`). Paths come back absolute.
-    """
-    why_sample = None
-    if train_file is None:
-        if not available(DEFAULT_OUT) and may_download and not no_download:
-            try:
-                download(DEFAULT_OUT, log=log)
-            except HubUnreachable:
-                pass  # offline: the demo sample, with the note
-        base = DEFAULT_OUT if available(DEFAULT_OUT) else SAMPLE_DATA
-        if base == SAMPLE_DATA:
-            why_sample = "--no-download" if no_download else "the Hugging Face hub cannot be reached"
-        train_file, val_file = base / "train.txt", val_file or base / "validation.txt"
-    elif val_file is None:
-        candidate = Path(train_file).with_name("validation.txt")
-        if candidate.exists() and candidate.resolve() != Path(train_file).resolve():
-            val_file = candidate
-    train_file, val_file = absolute(train_file), absolute(val_file)
-    if val_file == train_file:
-        raise UserError(f"--val-file is the training file ({train_file}): validation would measure memorisation; "
-                        "pass another --val-file, or none to hold out --val-share of the dialogues")
-    return DataChoice(train_file, val_file, why_sample)
-
-
-def load_datasets(args, tokenizer):
-    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
-    lengths = (args.max_length, args.max_target_length)
-    if args.val_file:
-        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    dialogues = len(read_dialogues(args.train_file)[0])
-    if dialogues < 2:
-        raise DataError(f"{args.train_file}: one dialogue cannot be split into training and validation; "
-                        "pass --val-file or use more dialogues")
-    train_ids, val_ids = holdout(dialogues, args.val_share, args.seed)
-    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
-            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import corpus
+import datafiles
 import models
 from cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive
 
@@ -115,7 +115,7 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
 
 
 def _as_recorded(value, key):
-    return corpus.absolute(value) if key in ("train_file", "val_file") else value
+    return datafiles.absolute(value) if key in ("train_file", "val_file") else value
 
 
 def run_config(args) -> dict:

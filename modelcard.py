@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 import corpus
+import datafiles
 import models
 from checkpoint import RUN_CONFIG, checkpoint_name
 from dataset import SEPARATOR
@@ -67,7 +68,7 @@ def training_data(train_file) -> dict:
     if not train_file:
         return {"license": "other", "license_name": "unknown", "text": "Unknown: the run did not record its training file."}
     path = Path(train_file).resolve()
-    if path.parent == corpus.SAMPLE_DATA:
+    if path.parent == datafiles.SAMPLE_DATA:
         return {"license": "other", "license_name": "project-demo-sample",
                 "text": "the demo sample shipped with the code (data/sample): short dialogues written for the project, "
                         "free to use with its code. A demo, enough to see the pipeline work; not a useful chat model."}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import checkpoint as ckpt
-import corpus
+import datafiles
 import distributed
 import flags
 import models
@@ -63,7 +63,7 @@ def run(argv) -> int:
     data_note = choose_data(args, rank, world, log)
     model, tokenizer, saved = load_model(args, typed, resume_from, log)
     log(data_note)
-    train_ds, val_ds = corpus.load_datasets(args, tokenizer)
+    train_ds, val_ds = datafiles.load_datasets(args, tokenizer)
     distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
         lock = outdir.take(out, args.resume, lock, log)
@@ -87,10 +87,10 @@ def run(argv) -> int:
 def choose_data(args, rank: int, world: int, log) -> str:
     """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
     if rank == 0:
-        choice = corpus.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
+        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
-        choice = corpus.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
+        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
     args.train_file, args.val_file = choice.train_file, choice.val_file  # recorded in run_config.json as chosen
     for path in filter(None, (args.train_file, args.val_file)):
         read_dialogues(path)  # a bad data file fails now, not after the model has loaded
