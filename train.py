@@ -282,12 +282,14 @@ def fit(state: dict, r: Run) -> int:
                         record(r, {"step": state["step"], "examples": [i for b in step_batches for i in b]})
                     if state["step"] % args.eval_every == 0 or end_of_epoch or last:
                         validate(state, r, bar)
-                    boundary = state["step"] % args.log_every == 0 or end_of_epoch or last
-                    if r.world > 1 and boundary:  # all ranks stop at the same step (a host sync: boundaries only)
-                        stop.agree(r.device)
-                    signum = stop.signum if (r.world == 1 or boundary) else None  # read once: a signal may land now
-                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum:
+                    # Under torchrun the ranks agree on signals (a host sync) at logging boundaries only.
+                    boundary = r.world == 1 or state["step"] % args.log_every == 0 or end_of_epoch or last
+                    signum, snapshot = stop.poll(r.device, r.world) if boundary else (None, False)
+                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
                         save(state, r)
+                    if snapshot and not signum and r.rank == 0:
+                        bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state['step'])}; "
+                                  "training goes on")
                     if signum:
                         bar.close()
                         r.log(f"stopped by {stop.name(signum)} at step {state['step']}; checkpoint saved, continue with --resume")
