@@ -198,9 +198,9 @@ def test_ranks_that_never_join_end_with_a_one_line_error_not_a_hang(tiny_model, 
     assert time.perf_counter() - start < 60
 
 
-def rank_1_dies(tmp_path):
+def rank_1_only(tmp_path):
     """train.py, but FAULT acts on rank 1 only (rank 0 drops it)."""
-    wrapper = tmp_path / "rank1_dies.py"
+    wrapper = tmp_path / "rank1_only.py"
     wrapper.write_text(
         "import os, runpy, sys\n"
         "if os.environ['RANK'] != '1':\n"
@@ -213,7 +213,7 @@ def rank_1_dies(tmp_path):
 
 def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     """Rank 1 is SIGKILLed at step 3: torchrun stops rank 0 too and names the rank that failed."""
-    wrapper = rank_1_dies(tmp_path)
+    wrapper = rank_1_only(tmp_path)
     out = tmp_path / "out"
     start = time.perf_counter()
     result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"FAULT": "mid_step@3"})
@@ -225,12 +225,31 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     assert not ckpt.list_checkpoints(out)  # nothing saved past the failure (first save is at step 4)
 
 
+def test_a_signal_to_one_rank_acts_on_every_rank_at_the_same_step(tiny_model, data_dir, tmp_path):
+    """SIGUSR2, then SIGUSR1, to rank 1 alone: every rank saves at step 3 and goes on, then saves at step 6 and
+    stops (a rank that saved or stopped alone would leave the other waiting in a collective)."""
+    out = tmp_path / "out"
+    result = torchrun(*args_for(tiny_model, data_dir, out, "--save-every", "1000", "--eval-every", "1000"),
+                      script=rank_1_only(tmp_path), env={"FAULT": "usr2:mid_step@3,usr1:mid_step@6"})
+    assert "exitcode  : 138" in result.stderr, result.stderr[-4000:]  # torchrun's summary of the ranks' exits
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(out)] == [3, 6]
+    assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(out))
+    assert result.stdout.count("SIGUSR2: saved checkpoint-00000003; training goes on") == 1  # from rank 0 alone
+    assert result.stdout.count("stopped by SIGUSR1 at step 6") == 1
+    assert [r["step"] for r in rows(out)] == list(range(1, 7))
+    result = torchrun(*args_for(tiny_model, data_dir, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000006: step 6" in result.stdout
+    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert ckpt.verify(step_dir(out, STEPS)) is None
+
+
 @pytest.mark.slow
 def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_processes(nodrop_model, data_dir, two_ranks,
                                                                                       tmp_path):
     """kill -9 of rank 1 in step 6, after the save at 4: both world sizes resume from checkpoint 4."""
     out = tmp_path / "out"
-    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_dies(tmp_path), env={"FAULT": "mid_step@6"})
+    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_only(tmp_path), env={"FAULT": "mid_step@6"})
     assert result.returncode != 0 and "SIGKILL" in result.stderr
     errors = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
     assert len(errors) == 1 and "rank 0: lost contact with the other processes" in errors[0], result.stderr[-3000:]
