@@ -166,19 +166,36 @@ def test_checkpoint_of_one_rank_resumes_with_two_ranks(one_rank, two_ranks, nodr
 def test_checkpoint_of_two_ranks_resumes_with_one(two_ranks, nodrop_model, data_dir, tmp_path):
     copy = resume_copy(two_ranks[0], tmp_path)
     # One rank with the recorded --grad-accum 1 takes 1 batch per step where the checkpoint took 2:
-    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4. Step numbers go on from 4; the
-    # schedule counts the 4 steps done as 8 of its own size, and --max-steps 8 (of 2 batches) as 16.
-    result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume"))
+    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4, and step numbers go on from 4
+    # to --max-steps, the learning rate reaching 0 there.
+    result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume", "--max-steps", "10"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from checkpoint-00000004: step 4" in result.stdout and "continuing at batch 8" in result.stdout
     resumed, straight = rows(copy), rows(two_ranks[0])
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(1, 11))
     assert resumed[:4] == straight[:4]  # rows of the 2-rank part kept as they were
     after = [r["examples"] for r in resumed[4:]]
-    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
-    assert [r["lr"] for r in resumed[4::2]] == pytest.approx([r["lr"] for r in straight[4:]])  # same rate there
-    assert ckpt.load_training_state(step_dir(copy, 12))["world_size"] == 1
-    assert_infer_loads(step_dir(copy, 12))
+    assert [after[i] + after[i + 1] for i in range(0, 6, 2)] == [r["examples"] for r in straight[4:7]]  # same data
+    assert [r["lr"] for r in resumed[4:]] == pytest.approx([5e-4 * (10 - (s - 1)) / 10 for s in range(5, 11)])
+    assert [p.name for p in ckpt.list_checkpoints(copy)][-1] == step_dir(copy, 10).name
+    assert ckpt.load_training_state(step_dir(copy, 10))["world_size"] == 1
+    assert_infer_loads(step_dir(copy, 10))
+
+
+def test_checkpoint_of_one_rank_resumes_with_two_ranks_of_twice_the_step(one_rank, nodrop_model, data_dir, tmp_path):
+    copy = resume_copy(one_rank[0], tmp_path)
+    # 2 ranks with the recorded --grad-accum 2 take 4 batches a step where the checkpoint took 2: --max-steps 8
+    # still ends at step 8, through the end of the epoch (its 20 batches) into the next.
+    result = torchrun(*args_for(nodrop_model, data_dir, copy, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004: step 4" in result.stdout and "continuing at batch 8" in result.stdout
+    resumed, straight = rows(copy), rows(one_rank[0])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["examples"] for r in resumed[4:6]] == [straight[i]["examples"] + straight[i + 1]["examples"]
+                                                     for i in (4, 6)]  # the data goes on where it stopped
+    assert [r["lr"] for r in resumed[4:]] == pytest.approx([r["lr"] for r in straight[4:]])  # by step number
+    state = ckpt.load_training_state(step_dir(copy, STEPS))
+    assert (state["world_size"], state["batches_per_step"], state["epoch"], state["batch"]) == (2, 4, 1, 4)
 
 
 # ---------------------------------------------------------------- launch mistakes
@@ -269,10 +286,12 @@ def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_process
     assert [r["examples"] for r in resumed] == [r["examples"] for r in straight]
     torch.testing.assert_close(weights(step_dir(two, 8)), weights(step_dir(two_ranks[0], 8)), rtol=1e-5, atol=1e-5)
 
-    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's: 8 more steps.
+    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's, up to step 8 all the same.
     result = python("train.py", *args_for(nodrop_model, data_dir, one, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from checkpoint-00000004: step 4" in result.stdout
+    assert [r["step"] for r in rows(one)] == list(range(1, STEPS + 1))
     after = [r["examples"] for r in rows(one) if r["step"] > 4]
-    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
-    assert ckpt.verify(step_dir(one, 12)) is None
+    assert [after[i] + after[i + 1] for i in range(0, 4, 2)] == [r["examples"] for r in straight[4:6]]  # same data
+    assert [p.name for p in ckpt.list_checkpoints(one)][-1] == step_dir(one, STEPS).name
+    assert ckpt.verify(step_dir(one, STEPS)) is None
