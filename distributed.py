@@ -82,13 +82,13 @@ def dropout_seed(seed: int, rank: int, step: int) -> int:
 class StopFlag:
     """Signals during training only set a flag; the loop acts on it at the next step boundary.
 
-    | signal  | what train.py does                                                    | exit code |
-    |---------|-----------------------------------------------------------------------|-----------|
+    | signal  | what train.py does                                                     | exit code |
+    |---------|------------------------------------------------------------------------|-----------|
     | SIGTERM | save a checkpoint at the next step boundary, print one line, stop      | 143       |
     | SIGINT  | the same (Ctrl-C); a second Ctrl-C stops at once, without saving       | 130       |
     | SIGHUP  | the same (a closed terminal or dropped ssh session: terminal output is | 129       |
     |         | sent to /dev/null first, so writing to the lost terminal cannot crash) |           |
-    | SIGQUIT | the same                                                              | 131       |
+    | SIGQUIT | the same                                                               | 131       |
     | SIGUSR1 | the same (SLURM's --signal=USR1@120 before a time limit: the job ends  | 138       |
     |         | saved instead of killed; --resume continues it)                        |           |
     | SIGUSR2 | save a checkpoint at the next step boundary and go on training         | (runs on) |

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from the newest good checkpoint in --output-dir")
     a("--epochs", type=int, default=3, help="passes over the training data; typed with --resume, it replaces the run's "
                                             "length, a recorded --max-steps included")
-    a("--max-steps", type=int, default=None,
+    a("--max-steps", type=int, default=None, metavar="N",
       help="stop when the step counter reaches N (overrides --epochs). One step is one optimizer step of whatever size "
            "(--grad-accum x processes): a resumed run counts on from its checkpoint's step number, so N is the last "
            "step's number whatever the world size or --grad-accum; the learning rate reaches 0 there")
