@@ -2,7 +2,8 @@
 
 One process (plain ``python train.py``) is world size 1 and none of this
 communicates. Under ``torchrun`` every rank runs the same loop on its share of
-each step's batches; rank 0 alone writes files.
+each step's batches; rank 0 alone writes files. What each signal does during
+training: see `StopFlag`.
 """
 
 from __future__ import annotations
@@ -79,11 +80,32 @@ def dropout_seed(seed: int, rank: int, step: int) -> int:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT only set a flag; the loop saves at the next step boundary."""
+    """Signals during training only set a flag; the loop acts on it at the next step boundary.
+
+    | signal  | what train.py does                                                     | exit code |
+    |---------|------------------------------------------------------------------------|-----------|
+    | SIGTERM | save a checkpoint at the next step boundary, print one line, stop      | 143       |
+    | SIGINT  | the same (Ctrl-C); a second Ctrl-C stops at once, without saving       | 130       |
+    | SIGHUP  | the same (a closed terminal or dropped ssh session: terminal output is | 129       |
+    |         | sent to /dev/null first, so writing to the lost terminal cannot crash) |           |
+    | SIGQUIT | the same                                                               | 131       |
+    | SIGUSR1 | the same (SLURM's --signal=USR1@120 before a time limit: the job ends  | 138       |
+    |         | saved instead of killed; --resume continues it)                        |           |
+    | SIGUSR2 | save a checkpoint at the next step boundary and go on training         | (runs on) |
+
+    Under torchrun a signal to any rank acts on all of them at the same step (`poll` agrees).
+    """
+
+    STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+    SNAPSHOT = signal.SIGUSR2
 
     def __init__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.signum = None  # the stopping signal received, if any
+        # USR2 requests counted, not flagged: one that lands while the loop reads the count is served next time.
+        self.requests = self.served = 0
+        # After a hangup isatty() fails on the lost terminal (EIO): learn now which descriptors are terminals.
+        self.ttys = [fd for fd in (0, 1, 2) if _isatty(fd)]
+        self.previous = {sig: signal.signal(sig, self) for sig in (*self.STOP, self.SNAPSHOT)}
 
     def restore(self):
         """After the loop, signals act as usual again (plotting and eval stay interruptible)."""
@@ -91,6 +113,11 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def __call__(self, signum, frame):
+        if signum == signal.SIGHUP:  # before anything else writes: the terminal is gone, writing to it fails (EIO)
+            detach_terminal(self.ttys)
+        if signum == self.SNAPSHOT:
+            self.requests += 1
+            return
         self.signum = signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
 
@@ -98,8 +125,37 @@ class StopFlag:
     def name(signum: int) -> str:
         return signal.Signals(signum).name
 
-    def agree(self, device):
-        """All ranks stop together (or the others would hang): the max of the flags."""
-        flag = torch.tensor([self.signum or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signum = int(flag.item()) or None
+    def poll(self, device, world: int) -> tuple[int | None, bool]:
+        """(the signal to stop for or None, whether to save a snapshot now), the same on every rank.
+
+        Under torchrun a host sync: call it at the same steps on every rank.
+        """
+        requests = self.requests
+        flags = [self.signum or 0, int(requests > self.served)]
+        if world > 1:  # all ranks stop, or save, together (or the others would hang): the max of the flags
+            agreed = torch.tensor(flags, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        self.signum, self.served = flags[0] or None, requests
+        return self.signum, bool(flags[1])
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def detach_terminal(fds):
+    """Point the descriptors that were a terminal at /dev/null: a lost terminal's writes fail, /dev/null's do not."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)

@@ -135,7 +135,7 @@ def fault(stage: str, at):
     """Test hook: FAULT="[action:]stage@at,..." acts when ``stage`` is reached at ``at`` (a step, a file name).
 
     action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT), hup
-    (SIGHUP), usr1/usr2, stop (SIGSTOP: the process freezes there, holding what
+    (SIGHUP), quit (SIGQUIT), usr1/usr2, stop (SIGSTOP: the process freezes there, holding what
     it holds, until killed or continued) or enospc (a write that fails as on a
     full disk). Stages: mid_step, mid_save, before_commit, before_prune (at a
     step) and write (at a file name). Unset, this does nothing.
@@ -147,5 +147,6 @@ def fault(stage: str, at):
             if action == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             signals = {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
-                       "hup": signal.SIGHUP, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2, "stop": signal.SIGSTOP}
+                       "hup": signal.SIGHUP, "quit": signal.SIGQUIT, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2,
+                       "stop": signal.SIGSTOP}
             os.kill(os.getpid(), signals[action])

@@ -3,6 +3,8 @@
 Every flag is recorded in each checkpoint's run_config.json. With --resume,
 flags not typed come from there; typed ones apply from the resumed step on,
 except the few that define the run (FIXED_ON_RESUME), which are refused.
+A length typed with --resume (--epochs or --max-steps) replaces the recorded
+one, even when it is the same number or the default.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
     a("--output-dir", default="checkpoints", help="where checkpoints, metrics.jsonl and the loss plot go")
     a("--resume", action="store_true", help="continue from the newest good checkpoint in --output-dir")
-    a("--epochs", type=int, default=3, help="passes over the training data")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    a("--epochs", type=int, default=3, help="passes over the training data; typed with --resume, it replaces the run's "
+                                            "length, a recorded --max-steps included")
+    a("--max-steps", type=int, default=None, metavar="N",
+      help="stop when the step counter reaches N (overrides --epochs). One step is one optimizer step of whatever size "
+           "(--grad-accum x processes): a resumed run counts on from its checkpoint's step number, so N is the last "
+           "step's number whatever the world size or --grad-accum; the learning rate reaches 0 there")
     a("--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not applied to biases and layer norms)")
     a("--warmup-ratio", type=float, default=0.05, help="share of all steps spent warming the learning rate up from 0")
@@ -93,13 +99,12 @@ FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "i
 NOT_RECORDED = {"resume", "output_dir", "no_download"}  # about this invocation, not the run
 
 
-def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path) -> set[str]:
+def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path):
     """Flags not typed now come from the run being resumed; typed ones must be changeable.
 
-    Returns the flags whose typed value differs from the recorded one (typing
-    the run's own value again changes nothing).
+    Typing the run's own value again is accepted for every flag; a length
+    flag typed (--epochs or --max-steps) sets the run's length from it.
     """
-    changed = {k for k in typed if k not in recorded or _as_recorded(getattr(args, k), k) != recorded[k]}
     for key, value in recorded.items():
         if key in NOT_RECORDED or not hasattr(args, key):
             continue
@@ -109,9 +114,8 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
                             f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
-    if "epochs" in changed and "max_steps" not in typed:
-        args.max_steps = None  # --epochs typed now: the run's length is counted in epochs again
-    return changed
+    if "epochs" in typed and "max_steps" not in typed:
+        args.max_steps = None  # --epochs typed now, whatever its value: the run's length is counted in epochs again
 
 
 def _as_recorded(value, key):

@@ -37,7 +37,7 @@ from dataset import collate, collated_steps, read_dialogues, token_budget_batche
 from files import fault
 
 ROOT = Path(__file__).resolve().parent
-SAVED = ("step", "epoch", "batch", "step_offset", "best_val_loss", "best_step")  # the state a checkpoint carries
+SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the state a checkpoint carries
 
 
 def main(argv=None) -> int:
@@ -53,7 +53,7 @@ def run(argv) -> int:
     args, typed = flags.parse(argv)
     out, lock, resume_from, damaged = outdir.open_run_dir(args.output_dir, args.resume, distributed.is_main_process())
     if resume_from:
-        typed = flags.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
+        flags.merge_resumed_flags(args, typed, ckpt.read_run_config(resume_from), resume_from)
     flags.check_args(args)
     rank, world, device = distributed.setup(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -69,7 +69,7 @@ def run(argv) -> int:
         lock = outdir.take(out, args.resume, lock, log)
     r, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
     if saved is not None:
-        restore(state, saved, r, resume_from, typed)
+        restore(state, saved, r, resume_from)
     r = replace(r, total_steps=total_steps(args, train_ds, world) + state["step_offset"])
     if saved is not None and state["step"] >= r.total_steps:
         raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
@@ -77,7 +77,7 @@ def run(argv) -> int:
     if rank == 0:
         runlog.truncate_metrics(out, state["step"])  # rows past the checkpoint (or all, starting over) are redone
         outdir.sign(lock)
-    banner(r, model)
+    runlog.banner(r, model)
     code = fit(state, r)
     if code == 0 and rank == 0:
         finish(state, r)
@@ -139,8 +139,9 @@ def setup(args, out, device, rank, world, log, precision, model, tokenizer, trai
         forward = torch.compile(forward)
     r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward)
     state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
-             "step_offset": 0, "best_val_loss": None, "best_step": None,
+             "best_val_loss": None, "best_step": None,
              # The loop's own bookkeeping, never saved:
+             "step_offset": 0,  # step number - the schedule's step (an epoch run resumed with another step size)
              "saved_step": None,  # the step of the last checkpoint this process wrote or resumed from
              "val_at": {},  # step -> validation loss measured at that step
              "first_bad_step": torch.full((), math.inf, device=device)}  # first step with a non-finite loss or gradient
@@ -204,14 +205,16 @@ def lr_at(step: int, offset: int, args, total: int) -> float:
     return args.lr * lr_factor(step, int(args.warmup_ratio * total), total)
 
 
-def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
+def restore(state, saved: dict, r: Run, checkpoint: Path):
     """Load a checkpoint's training state into ``state``; flags typed now apply from here on.
 
-    The run goes on at the same batch of the same epoch. With another step
-    size (--grad-accum or world size) step numbers go on from the checkpoint's,
-    while the learning-rate schedule counts in steps of the new size to the same
-    point of the data (``step_offset`` is the difference), so the rate at a
-    given point of the data stays the same and an epoch run keeps its length.
+    The run goes on at the same batch of the same epoch, and step numbers go on
+    from the checkpoint's, whatever the step size (--grad-accum x world size).
+    --max-steps N counts those numbers: the run ends, and its learning rate
+    reaches 0, at step N. An epoch run ends at the end of its data instead: with
+    another step size its schedule counts this run's steps to the same point of
+    the data (``step_offset`` is the difference), so the rate at a given point
+    of the data stays the same.
     """
     args = r.args
     state["optimizer"].load_state_dict(saved["optimizer"])
@@ -230,15 +233,11 @@ def restore(state, saved: dict, r: Run, checkpoint: Path, typed: set[str]):
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
     if before != now:
         r.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
-              f"{state['batch']} of epoch {state['epoch'] + 1}, the learning rate where that batch puts it")
-    if args.max_steps:  # a length in steps: the steps done (and a recorded length) in steps of the new size
-        here = ceil_div((saved["step"] - saved["step_offset"]) * before, now)
-        if "max_steps" not in typed:
-            args.max_steps = ceil_div(args.max_steps * before, now)
-    else:  # a length in epochs: this run's steps to the same point of the data
+              f"{state['batch']} of epoch {state['epoch'] + 1}, step numbers going on from {state['step']}")
+    state["step_offset"] = 0
+    if not args.max_steps:  # an epoch run: this run's steps to the same point of the data
         here = sum(len(epoch_plan(r.train_ds, args, e, r.world)) for e in range(state["epoch"]))
-        here += ceil_div(state["batch"], now)
-    state["step_offset"] = state["step"] - here
+        state["step_offset"] = state["step"] - here - ceil_div(state["batch"], now)
     ckpt.set_rng_state(saved["rng"])
     if r.rank > 0:  # other ranks: their own dropout noise
         torch.manual_seed(distributed.dropout_seed(args.seed, r.rank, state["step"]))
@@ -284,12 +283,14 @@ def fit(state: dict, r: Run) -> int:
                         record(r, {"step": state["step"], "examples": [i for b in step_batches for i in b]})
                     if state["step"] % args.eval_every == 0 or end_of_epoch or last:
                         validate(state, r, bar)
-                    boundary = state["step"] % args.log_every == 0 or end_of_epoch or last
-                    if r.world > 1 and boundary:  # all ranks stop at the same step (a host sync: boundaries only)
-                        stop.agree(r.device)
-                    signum = stop.signum if (r.world == 1 or boundary) else None  # read once: a signal may land now
-                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum:
+                    # Under torchrun the ranks agree on signals (a host sync) at logging boundaries only.
+                    boundary = r.world == 1 or state["step"] % args.log_every == 0 or end_of_epoch or last
+                    signum, snapshot = stop.poll(r.device, r.world) if boundary else (None, False)
+                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
                         save(state, r)
+                    if snapshot and not signum and r.rank == 0:
+                        bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state['step'])}; "
+                                  "training goes on")
                     if signum:
                         bar.close()
                         r.log(f"stopped by {stop.name(signum)} at step {state['step']}; checkpoint saved, continue with --resume")
@@ -423,25 +424,6 @@ def save(state: dict, r: Run):
 
 
 # ---------------------------------------------------------------- reporting
-
-
-def banner(r: Run, model):
-    args, world, log, steps = r.args, r.world, r.log, r.total_steps
-    params = sum(p.numel() for p in model.parameters())
-    notes = [f"{world} processes"] if world > 1 else []
-    notes.append(models.precision_note(r.precision, r.device))
-    if args.fast_dropout and r.device.type == "cpu" and args.attention != "sdpa":
-        notes.append("fast dropout masks")
-    log(f"device: {r.device} ({'; '.join(notes)})")
-    log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(r.tokenizer):,})")
-    log(f"train: {r.train_ds.path}: {r.train_ds.stats.summary()}")
-    log(f"valid: {r.val_ds.path}{' (held-out dialogues)' if not args.val_file else ''}: {r.val_ds.stats.summary()}")
-    epochs = f"{args.epochs} epochs" if not args.max_steps else f"--max-steps {args.max_steps}"
-    log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
-        f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
-    for i in (0, len(r.train_ds) // 2):
-        e = r.train_ds[i]
-        log(f"example {i}:\n  input : {r.tokenizer.decode(e['input_ids'])}\n  target: {r.tokenizer.decode(e['labels'])}")
 
 
 def finish(state: dict, r: Run):

@@ -166,19 +166,36 @@ def test_checkpoint_of_one_rank_resumes_with_two_ranks(one_rank, two_ranks, nodr
 def test_checkpoint_of_two_ranks_resumes_with_one(two_ranks, nodrop_model, data_dir, tmp_path):
     copy = resume_copy(two_ranks[0], tmp_path)
     # One rank with the recorded --grad-accum 1 takes 1 batch per step where the checkpoint took 2:
-    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4. Step numbers go on from 4; the
-    # schedule counts the 4 steps done as 8 of its own size, and --max-steps 8 (of 2 batches) as 16.
-    result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume"))
+    # it goes on at batch 8 of the epoch (4 steps x 2), not at batch 4, and step numbers go on from 4
+    # to --max-steps, the learning rate reaching 0 there.
+    result = python("train.py", *args_for(nodrop_model, data_dir, copy, "--resume", "--max-steps", "10"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from checkpoint-00000004: step 4" in result.stdout and "continuing at batch 8" in result.stdout
     resumed, straight = rows(copy), rows(two_ranks[0])
-    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["step"] for r in resumed] == list(range(1, 11))
     assert resumed[:4] == straight[:4]  # rows of the 2-rank part kept as they were
     after = [r["examples"] for r in resumed[4:]]
-    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
-    assert [r["lr"] for r in resumed[4::2]] == pytest.approx([r["lr"] for r in straight[4:]])  # same rate there
-    assert ckpt.load_training_state(step_dir(copy, 12))["world_size"] == 1
-    assert_infer_loads(step_dir(copy, 12))
+    assert [after[i] + after[i + 1] for i in range(0, 6, 2)] == [r["examples"] for r in straight[4:7]]  # same data
+    assert [r["lr"] for r in resumed[4:]] == pytest.approx([5e-4 * (10 - (s - 1)) / 10 for s in range(5, 11)])
+    assert [p.name for p in ckpt.list_checkpoints(copy)][-1] == step_dir(copy, 10).name
+    assert ckpt.load_training_state(step_dir(copy, 10))["world_size"] == 1
+    assert_infer_loads(step_dir(copy, 10))
+
+
+def test_checkpoint_of_one_rank_resumes_with_two_ranks_of_twice_the_step(one_rank, nodrop_model, data_dir, tmp_path):
+    copy = resume_copy(one_rank[0], tmp_path)
+    # 2 ranks with the recorded --grad-accum 2 take 4 batches a step where the checkpoint took 2: --max-steps 8
+    # still ends at step 8, through the end of the epoch (its 20 batches) into the next.
+    result = torchrun(*args_for(nodrop_model, data_dir, copy, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000004: step 4" in result.stdout and "continuing at batch 8" in result.stdout
+    resumed, straight = rows(copy), rows(one_rank[0])
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["examples"] for r in resumed[4:6]] == [straight[i]["examples"] + straight[i + 1]["examples"]
+                                                     for i in (4, 6)]  # the data goes on where it stopped
+    assert [r["lr"] for r in resumed[4:]] == pytest.approx([r["lr"] for r in straight[4:]])  # by step number
+    state = ckpt.load_training_state(step_dir(copy, STEPS))
+    assert (state["world_size"], state["batches_per_step"], state["epoch"], state["batch"]) == (2, 4, 1, 4)
 
 
 # ---------------------------------------------------------------- launch mistakes
@@ -198,9 +215,9 @@ def test_ranks_that_never_join_end_with_a_one_line_error_not_a_hang(tiny_model, 
     assert time.perf_counter() - start < 60
 
 
-def rank_1_dies(tmp_path):
+def rank_1_only(tmp_path):
     """train.py, but FAULT acts on rank 1 only (rank 0 drops it)."""
-    wrapper = tmp_path / "rank1_dies.py"
+    wrapper = tmp_path / "rank1_only.py"
     wrapper.write_text(
         "import os, runpy, sys\n"
         "if os.environ['RANK'] != '1':\n"
@@ -213,7 +230,7 @@ def rank_1_dies(tmp_path):
 
 def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     """Rank 1 is SIGKILLed at step 3: torchrun stops rank 0 too and names the rank that failed."""
-    wrapper = rank_1_dies(tmp_path)
+    wrapper = rank_1_only(tmp_path)
     out = tmp_path / "out"
     start = time.perf_counter()
     result = torchrun(*args_for(tiny_model, data_dir, out), script=wrapper, env={"FAULT": "mid_step@3"})
@@ -225,12 +242,31 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
     assert not ckpt.list_checkpoints(out)  # nothing saved past the failure (first save is at step 4)
 
 
+def test_a_signal_to_one_rank_acts_on_every_rank_at_the_same_step(tiny_model, data_dir, tmp_path):
+    """SIGUSR2, then SIGUSR1, to rank 1 alone: every rank saves at step 3 and goes on, then saves at step 6 and
+    stops (a rank that saved or stopped alone would leave the other waiting in a collective)."""
+    out = tmp_path / "out"
+    result = torchrun(*args_for(tiny_model, data_dir, out, "--save-every", "1000", "--eval-every", "1000"),
+                      script=rank_1_only(tmp_path), env={"FAULT": "usr2:mid_step@3,usr1:mid_step@6"})
+    assert "exitcode  : 138" in result.stderr, result.stderr[-4000:]  # torchrun's summary of the ranks' exits
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(out)] == [3, 6]
+    assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(out))
+    assert result.stdout.count("SIGUSR2: saved checkpoint-00000003; training goes on") == 1  # from rank 0 alone
+    assert result.stdout.count("stopped by SIGUSR1 at step 6") == 1
+    assert [r["step"] for r in rows(out)] == list(range(1, 7))
+    result = torchrun(*args_for(tiny_model, data_dir, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from checkpoint-00000006: step 6" in result.stdout
+    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert ckpt.verify(step_dir(out, STEPS)) is None
+
+
 @pytest.mark.slow
 def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_processes(nodrop_model, data_dir, two_ranks,
                                                                                       tmp_path):
     """kill -9 of rank 1 in step 6, after the save at 4: both world sizes resume from checkpoint 4."""
     out = tmp_path / "out"
-    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_dies(tmp_path), env={"FAULT": "mid_step@6"})
+    result = torchrun(*args_for(nodrop_model, data_dir, out), script=rank_1_only(tmp_path), env={"FAULT": "mid_step@6"})
     assert result.returncode != 0 and "SIGKILL" in result.stderr
     errors = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
     assert len(errors) == 1 and "rank 0: lost contact with the other processes" in errors[0], result.stderr[-3000:]
@@ -250,10 +286,12 @@ def test_after_a_rank_is_killed_mid_epoch_resume_goes_on_with_one_or_two_process
     assert [r["examples"] for r in resumed] == [r["examples"] for r in straight]
     torch.testing.assert_close(weights(step_dir(two, 8)), weights(step_dir(two_ranks[0], 8)), rtol=1e-5, atol=1e-5)
 
-    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's: 8 more steps.
+    # One process with the recorded --grad-accum 1 takes half a step of the checkpoint's, up to step 8 all the same.
     result = python("train.py", *args_for(nodrop_model, data_dir, one, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from checkpoint-00000004: step 4" in result.stdout
+    assert [r["step"] for r in rows(one)] == list(range(1, STEPS + 1))
     after = [r["examples"] for r in rows(one) if r["step"] > 4]
-    assert [after[i] + after[i + 1] for i in range(0, 8, 2)] == [r["examples"] for r in straight[4:]]  # same data
-    assert ckpt.verify(step_dir(one, 12)) is None
+    assert [after[i] + after[i + 1] for i in range(0, 4, 2)] == [r["examples"] for r in straight[4:6]]  # same data
+    assert [p.name for p in ckpt.list_checkpoints(one)][-1] == step_dir(one, STEPS).name
+    assert ckpt.verify(step_dir(one, STEPS)) is None

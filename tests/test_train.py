@@ -102,6 +102,7 @@ def test_help_documents_every_flag_with_its_default():
     for action in actions:
         flag = action.option_strings[0]
         assert f"(default: {action.default})" in entries[flag], f"{flag}: {entries[flag]}"
+    assert "N is the last step's number whatever the world size or --grad-accum" in entries["--max-steps"]  # its rule
 
 
 @pytest.mark.slow
@@ -355,14 +356,38 @@ def test_an_lr_typed_with_resume_sets_the_schedule_from_there(ten_copy):
     assert config["lr"] == 0.1 and config["max_steps"] == 13
 
 
-def test_epochs_typed_with_resume_replace_the_recorded_max_steps(ten_copy):
-    assert call_main(["--resume", "--output-dir", ten_copy, "--epochs", "2"]) == 0
+@pytest.mark.parametrize("epochs", [2, 3])  # 3: the default, and the value the run recorded
+def test_epochs_typed_with_resume_replace_the_recorded_max_steps(epochs, ten_copy):
+    assert call_main(["--resume", "--output-dir", ten_copy, "--epochs", str(epochs)]) == 0
     end = ckpt.load_training_state(latest(ten_copy))
-    assert end["epoch"] == 2 and end["batch"] == 0  # stopped at the end of the second epoch, not at step 10
+    assert end["epoch"] == epochs and end["batch"] == 0  # stopped at the end of the last epoch, not at step 10
     config = strict_json((latest(ten_copy) / ckpt.RUN_CONFIG).read_text())
-    assert config["max_steps"] is None and config["epochs"] == 2
+    assert config["max_steps"] is None and config["epochs"] == epochs
     steps = [r["step"] for r in train_rows(ten_copy)]
-    assert steps == list(range(1, end["step"] + 1)) and end["step"] > 20
+    assert steps == list(range(1, end["step"] + 1)) and end["step"] > 20 * (epochs - 1)  # 20 steps an epoch
+
+
+@pytest.mark.parametrize("start, typed, end", [
+    (10, ["--max-steps", "20"], 20),
+    (5, [], 10),  # the recorded --max-steps 10
+    (5, ["--max-steps", "10"], 10),  # the recorded value typed again
+])
+def test_max_steps_is_the_last_step_number_whatever_the_grad_accum(start, typed, end, ten_copy):
+    """The 10-step run (1 batch a step) resumed with 2 batches a step ends at step number --max-steps, and its
+    learning rate decays to 0 over the same step numbers."""
+    for path in ckpt.list_checkpoints(ten_copy):
+        if ckpt.step_of(path) > start:
+            shutil.rmtree(path)
+    assert call_main(["--resume", "--output-dir", ten_copy, "--grad-accum", "2", *typed]) == 0
+    assert latest(ten_copy).name == ckpt.checkpoint_name(end) and ckpt.verify(latest(ten_copy)) is None
+    rows = {r["step"]: r for r in train_rows(ten_copy)}
+    assert [r["step"] for r in train_rows(ten_copy)] == list(range(1, end + 1))  # no gap, no step twice
+    warmup = int(0.05 * end)
+    assert [rows[s]["lr"] for s in range(start + 1, end + 1)] == pytest.approx(
+        [5e-4 * train.lr_factor(s - 1, warmup, end) for s in range(start + 1, end + 1)])
+    state = ckpt.load_training_state(latest(ten_copy))
+    assert (state["step"], state["batches_per_step"]) == (end, 2)
+    assert state["epoch"] * 20 + state["batch"] == start + 2 * (end - start)  # every batch once: none skipped
 
 
 def test_resume_with_max_steps_already_reached_changes_nothing(ten_copy, capsys):
