@@ -21,7 +21,6 @@ it, so the model sees the same format in both.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError
+from files import sha256
 
 EOU = "__eou__"
 SEPARATOR = f" {EOU} "  # between turns in the model input; the format above
@@ -235,7 +235,7 @@ class DailyDialogDataset(torch.utils.data.Dataset):
         dialogues, skipped = read_dialogues(self.path)
         if dialogue_ids is not None:
             dialogues = [dialogues[i] for i in dialogue_ids]
-        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()  # what a resumed run checks it still has
+        self.sha256 = sha256(self.path)  # what a resumed run checks it still has
         self.pairs = dialogue_pairs(dialogues)
 
         # Tokenize each distinct turn once, in one batched call of the fast
