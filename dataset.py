@@ -22,9 +22,9 @@ it, so the model sees the same format in both.
 from __future__ import annotations
 
 import random
+import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,14 +49,14 @@ class DataError(UserError):
 
 
 def split_lines(text: str) -> list[str]:
-    """The lines of a DailyDialog file: split on "\\n" (and CRLF) only.
+    """The lines of a DailyDialog file: split on "\\n", CRLF and a lone "\\r" only.
 
     `str.splitlines` also splits on U+2028, U+0085, form feeds and other
     separators that can occur inside a turn; that would cut a dialogue in
     two, mis-count the corpus' label lines and drop text. Trailing blank
     lines are dropped so that counts match the label files.
     """
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    lines = re.split("\r\n|\r|\n", text)  # Python's universal newlines: a lone "\r" ends lines on old Macs
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -67,9 +67,9 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
 
     Returns ``(dialogues, skipped)`` where ``skipped`` holds the 1-based
     numbers of non-blank lines that had fewer than two turns (no pair to
-    learn from). Tolerates a BOM, CRLF, runs of spaces, blank lines and a
-    missing final ``__eou__``; any whitespace inside a turn (U+2028, tabs,
-    ...) becomes one space.
+    learn from). Tolerates a BOM, CRLF or lone CR line ends, runs of spaces,
+    blank lines and a missing final ``__eou__``; any whitespace inside a turn
+    (U+2028, tabs, ...) becomes one space.
     """
     path = Path(path)
     if not path.exists():
@@ -87,7 +87,7 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     try:
         text = raw.decode("utf-8-sig")  # -sig: drop a UTF-8 BOM if present
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
+        line = len(split_lines(raw[: e.start].decode("utf-8", "replace") + "x"))  # + "x": count the error's line
         raise DataError(f"{path}: line {line} is not valid UTF-8; re-save the file as UTF-8") from None
     if EOU not in text:
         raise DataError(

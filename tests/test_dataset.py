@@ -51,8 +51,25 @@ def test_line_separators_inside_a_turn_stay_in_that_turn(tmp_path, separator):
     assert skipped == [2]  # line numbers count "\n" lines only
 
 
-def test_split_lines_splits_on_newline_and_crlf_only():
+def test_split_lines_splits_on_newline_crlf_and_a_lone_cr_only():
     assert split_lines("a\u2028b\r\nc\x85d\n\n e \n \n\n") == ["a\u2028b", "c\x85d", "", " e "]
+    assert split_lines("a\rb\r\rc\r\nd\ne\r") == ["a", "b", "", "c", "d", "e"]
+
+
+def test_old_mac_line_ends_are_lines(tmp_path):
+    # A lone "\r" ended lines on classic Mac OS; read as one line, 60 dialogues became one.
+    raw = "A . __eou__ B . __eou__\ralone . __eou__\r\rC\u2028c . __eou__ D . __eou__\r"
+    dialogues, skipped = read_dialogues(write(tmp_path, raw.encode("utf-8"), mode="wb"))
+    assert dialogues == [["A .", "B ."], ["C c .", "D ."]]
+    assert skipped == [2]
+
+
+def test_a_bad_byte_is_reported_on_its_line_whatever_the_line_ends(tmp_path):
+    path = write(tmp_path, b"A . __eou__ B . __eou__\r" * 3 + b"bad \xff __eou__ x __eou__\r", mode="wb")
+    with pytest.raises(DataError, match="line 4 is not valid UTF-8"):
+        read_dialogues(path)
+
+
 
 
 @pytest.mark.parametrize("content, words", [

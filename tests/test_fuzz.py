@@ -46,7 +46,7 @@ pieces = st.one_of(safe_pieces, st.sampled_from(BREAKING))
 texts = st.builds(lambda a, run, b: "".join(a) + run + "".join(b),
                   st.lists(pieces, max_size=12), st.one_of(st.just(""), long_runs()), st.lists(pieces, max_size=12))
 turns = st.lists(safe_pieces, min_size=1, max_size=4).map("".join)
-line_ends = st.sampled_from(["\n", "\r\n", f" {EOU}\n", f"{EOU}\n", f" {EOU} \n", f" {EOU}\r\n", "\u2028\n"])
+line_ends = st.sampled_from(["\n", "\r\n", "\r", f" {EOU}\n", f"{EOU}\n", f" {EOU} \n", f" {EOU}\r\n", f" {EOU}\r", "\u2028\n"])
 
 
 @st.composite
