@@ -35,6 +35,8 @@ from files import sha256
 
 EOU = "__eou__"
 SEPARATOR = f" {EOU} "  # between turns in the model input; the format above
+_BOMS = [("utf-32", b"\xff\xfe\x00\x00"), ("utf-32", b"\x00\x00\xfe\xff"),  # byte order marks, UTF-32 first (its LE
+         ("utf-16", b"\xff\xfe"), ("utf-16", b"\xfe\xff")]  # mark starts with UTF-16 LE's); Windows' "Unicode" is UTF-16
 
 
 class DataError(UserError):
@@ -67,9 +69,9 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
 
     Returns ``(dialogues, skipped)`` where ``skipped`` holds the 1-based
     numbers of non-blank lines that had fewer than two turns (no pair to
-    learn from). Tolerates a BOM, CRLF or lone CR line ends, runs of spaces,
-    blank lines and a missing final ``__eou__``; any whitespace inside a turn
-    (U+2028, tabs, ...) becomes one space.
+    learn from). Tolerates a BOM, UTF-16/32 with a BOM, CRLF or lone CR line
+    ends, runs of spaces, blank lines and a missing final ``__eou__``; any
+    whitespace inside a turn (U+2028, tabs, ...) becomes one space.
     """
     path = Path(path)
     if not path.exists():
@@ -80,15 +82,16 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
         raw = path.read_bytes()
     except OSError as e:  # unreadable (permissions, I/O error): the user can fix it, no traceback
         raise DataError(f"{path}: cannot be read ({e.strerror or type(e).__name__}); check that it is a readable file") from None
-    if b"\x00" in raw[:4096]:  # text files never hold NUL bytes
+    encoding = next((e for e, bom in _BOMS if raw.startswith(bom)), "utf-8-sig")  # -sig: drops a UTF-8 BOM
+    if b"\x00" in raw[:4096] and encoding == "utf-8-sig":  # UTF-8 text never holds NUL bytes
         raise DataError(f"{path}: looks like a binary file, not DailyDialog text; pass the .txt file")
     if not raw.strip():
         raise DataError(f"{path}: file is empty; give a DailyDialog file (one dialogue per line, turns ended by {EOU})")
     try:
-        text = raw.decode("utf-8-sig")  # -sig: drop a UTF-8 BOM if present
+        text = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        line = len(split_lines(raw[: e.start].decode("utf-8", "replace") + "x"))  # + "x": count the error's line
-        raise DataError(f"{path}: line {line} is not valid UTF-8; re-save the file as UTF-8") from None
+        line = len(split_lines(raw[: e.start].decode(encoding, "replace") + "x"))  # + "x": count the error's line
+        raise DataError(f"{path}: line {line} is not valid {encoding.upper().removesuffix('-SIG')}; re-save as UTF-8") from None
     if EOU not in text:
         raise DataError(
             f"{path}: no '{EOU}' anywhere, so this is not DailyDialog format "

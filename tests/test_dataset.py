@@ -1,5 +1,6 @@
 """Parsing, pairing, truncation, batching: dataset.py on small hand-made files."""
 
+import codecs
 import collections
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def test_a_bad_byte_is_reported_on_its_line_whatever_the_line_ends(tmp_path):
         read_dialogues(path)
 
 
+
+
+@pytest.mark.parametrize("codec, bom", [("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE),
+                                        ("utf-32-le", codecs.BOM_UTF32_LE), ("utf-32-be", codecs.BOM_UTF32_BE)])
+def test_utf16_and_utf32_with_a_bom_are_read(tmp_path, codec, bom):
+    # Windows' Notepad saves "Unicode" as UTF-16 with a BOM; its NUL bytes once made it "a binary file".
+    text = "Hi \u00e9t\u00e9 \U0001f600 . __eou__ Hello . __eou__\r\nalone . __eou__\r\nA . __eou__ B . __eou__\r\n" * 400
+    dialogues, skipped = read_dialogues(write(tmp_path, bom + text.encode(codec), mode="wb"))
+    assert dialogues == read_dialogues(write(tmp_path, text.encode("utf-8"), name="u8.txt", mode="wb"))[0]
+    assert len(dialogues) == 800 and dialogues[0] == ["Hi \u00e9t\u00e9 \U0001f600 .", "Hello ."]
+    assert skipped[:2] == [2, 5]
+
+
+def test_broken_utf16_names_its_encoding_and_line(tmp_path):
+    good = "A . __eou__ B . __eou__\n".encode("utf-16-le") * 2
+    raw = codecs.BOM_UTF16_LE + good + b"\x00\xdc" + "x __eou__".encode("utf-16-le")  # a lone low surrogate
+    with pytest.raises(DataError, match="line 3 is not valid UTF-16; re-save as UTF-8"):
+        read_dialogues(write(tmp_path, raw, mode="wb"))
 
 
 @pytest.mark.parametrize("content, words", [

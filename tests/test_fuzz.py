@@ -62,7 +62,7 @@ def dialogue_files(draw):
 
 @st.composite
 def encoded(draw, text):
-    codec = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-16", "latin-1"]))
+    codec = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-16", "utf-32", "latin-1"]))  # utf-16/32 write a BOM
     return draw(text).encode(codec, "replace" if codec == "latin-1" else "surrogatepass")
 
 
