@@ -21,6 +21,7 @@ it, so the model sees the same format in both.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import deque
@@ -64,6 +65,22 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
+def _export_format(text: str, lines: list[str]) -> str | None:
+    """JSON or CSV around DailyDialog text, whose '"}' or '",3' would become turns (most of 100 lines), or None."""
+    def parses(t):
+        try:
+            return t.lstrip()[:1] in ("{", "[") and json.loads(t) is not None
+        except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+            return False
+    def quoted(line):  # a field opened by a quote before the first __eou__ and closed right after the last
+        tail = line.rpartition(EOU)[2].strip()  # in DailyDialog text (quotes, commas and all) it is empty
+        return tail[:1] == '"' and tail[1:].lstrip()[:1] in ("", ",", ";", "\t") and \
+            re.search('(?:^|[,;\t])\\s*"', line.partition(EOU)[0]) is not None
+    sample = [line for line in lines[:1000] if EOU in line][:100]
+    tests = (("JSON lines", parses), ("CSV", quoted))
+    return "JSON" if parses(text) else next((n for n, test in tests if sum(map(test, sample)) * 2 > len(sample)), None)
+
+
 def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     """Read a DailyDialog file into dialogues (lists of turns).
 
@@ -93,14 +110,15 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
         line = len(split_lines(raw[: e.start].decode(encoding, "replace") + "x"))  # + "x": count the error's line
         raise DataError(f"{path}: line {line} is not valid {encoding.upper().removesuffix('-SIG')}; re-save as UTF-8") from None
     if EOU not in text:
-        raise DataError(
-            f"{path}: no '{EOU}' anywhere, so this is not DailyDialog format "
-            f"(one dialogue per line, every turn followed by '{EOU}')"
-        )
+        raise DataError(f"{path}: no '{EOU}' anywhere, so this is not DailyDialog format "
+                        f"(one dialogue per line, every turn followed by '{EOU}')")
+    lines = split_lines(text)
+    if export := _export_format(text, lines):
+        raise DataError(f"{path}: looks like {export}, not DailyDialog text: export one dialogue per line as plain text, "
+                        f"every turn followed by ' {EOU}' (no quotes, braces or other columns)")
     dialogues, skipped = [], []
-    for number, line in enumerate(split_lines(text), start=1):
-        turns = [" ".join(t.split()) for t in line.split(EOU)]
-        turns = [t for t in turns if t]
+    for number, line in enumerate(lines, start=1):
+        turns = [t for t in (" ".join(t.split()) for t in line.split(EOU)) if t]
         if not turns:
             continue  # blank line
         if len(turns) < 2:

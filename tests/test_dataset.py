@@ -2,14 +2,17 @@
 
 import codecs
 import collections
+import json
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE, SHARED
 from transformers import AutoTokenizer
 
 from dataset import (EOU, DailyDialogDataset, DataError, assemble_input, batch_cost, collate, dialogue_pairs,
                      encode_history, padding_efficiency, read_dialogues, split_lines, token_budget_batches)
 
+REAL_FILES = [SAMPLE / "train.txt", SAMPLE / "validation.txt", SHARED / "train.txt", SHARED / "validation.txt"]
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
@@ -89,6 +92,46 @@ def test_broken_utf16_names_its_encoding_and_line(tmp_path):
     raw = codecs.BOM_UTF16_LE + good + b"\x00\xdc" + "x __eou__".encode("utf-16-le")  # a lone low surrogate
     with pytest.raises(DataError, match="line 3 is not valid UTF-16; re-save as UTF-8"):
         read_dialogues(write(tmp_path, raw, mode="wb"))
+
+
+def export_lines(kind, dialogues):
+    if kind == "JSON lines":
+        return "".join(json.dumps({"id": i, "dialog": d}) + "\n" for i, d in enumerate(dialogues))
+    if kind == "JSON":
+        return json.dumps([{"dialog": d} for d in dialogues], indent=2)
+    if kind == "CSV":
+        return "id,dialog,emotion\n" + "".join(f'{i},"{d}",{i % 7}\n' for i, d in enumerate(dialogues))
+    return "".join(f'"{d}"\n' for d in dialogues)  # one quoted column, no header
+
+
+@pytest.mark.parametrize("kind, name", [("JSON lines", "JSON lines"), ("JSON", "JSON"), ("CSV", "CSV"),
+                                        ("quoted", "CSV")])
+def test_json_and_csv_exports_of_dailydialog_text_are_refused(tmp_path, kind, name):
+    # Read as DailyDialog, each line's closing '"}' or '",3' became a reply to learn.
+    dialogues = [f'Hi , "you" {i} . {EOU} Hello , {{friend}} . {EOU}' for i in range(30)]
+    path = write(tmp_path, export_lines(kind, dialogues))
+    with pytest.raises(DataError) as e:
+        read_dialogues(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: looks like {name}, not DailyDialog text") and "one dialogue per line" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_dailydialog_text_with_quotes_commas_and_braces_is_not_an_export(tmp_path):
+    lines = ['{ laughs } Hi , " you " . __eou__ He said , " fine , " . __eou__',
+             '" Yard sale " , she said . __eou__ It \u2019 s $ 5,900 . __eou__ ... " Okay " , " sure " __eou__',
+             '[ 1 ] , [ 2 ] __eou__ {"a": 1} __eou__',
+             'No final marker __eou__ " Nice , " he said']
+    dialogues, _ = read_dialogues(write(tmp_path, "\n".join(lines) + "\n"))
+    assert len(dialogues) == 4
+
+
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_real_dailydialog_files_are_read_in_full(path):
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    dialogues, skipped = read_dialogues(path)
+    assert len(dialogues) + len(skipped) == len(path.read_text(encoding="utf-8").split("\n")) - 1
 
 
 @pytest.mark.parametrize("content, words", [
