@@ -25,6 +25,7 @@ import json
 import random
 import re
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,9 +141,25 @@ def holdout(num_dialogues: int, share: float, seed: int) -> tuple[list[int], lis
     return [i for i in range(num_dialogues) if i not in held], sorted(held)
 
 
-def dialogue_pairs(dialogues: list[list[str]]) -> list[tuple[list[str], str]]:
-    """Every turn after the first as a target, with all turns before it."""
-    return [(turns[:i], turns[i]) for turns in dialogues for i in range(1, len(turns))]
+class Pairs(Sequence):
+    """``(history, reply)`` of every turn after the first, made when asked for: a list would copy a dialogue's
+    earlier turns once per turn (21 GB for 73,000 turns). ``max_turns``: keep that many turns before the reply."""
+
+    def __init__(self, dialogues: list[list[str]], max_turns: int | None = None):
+        self.dialogues, self.max_turns = dialogues, max_turns
+        self.index = [(d, i) for d, turns in enumerate(dialogues) for i in range(1, len(turns))]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        d, i = self.index[k]
+        return self.dialogues[d][max(0, i - (self.max_turns or i)) : i], self.dialogues[d][i]
+
+
+dialogue_pairs = Pairs  # every turn after the first as a target, with all turns before it
 
 
 # ---------------------------------------------------------------- model input
@@ -152,24 +169,25 @@ def _separator_ids(tokenizer) -> list[int]:
     return tokenizer(SEPARATOR.strip(), add_special_tokens=False)["input_ids"]
 
 
-def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, max_length: int):
+def assemble_input(turn_ids: list[list[int]], sep_ids: list[int], eos_id: int, max_length: int, end: int | None = None):
     """Join tokenized turns with the separator, keeping the newest that fit.
 
-    Returns ``(input_ids, truncated)``. Oldest turns go first; the newest turn
-    is never dropped, only cut from its start when it alone is too long.
+    Returns ``(input_ids, truncated)``. Oldest turns go first; the newest turn is never dropped, only cut
+    from its start when it alone is too long. ``end``: use ``turn_ids[:end]``, not copied (quadratic).
     """
+    end = len(turn_ids) if end is None else end
     budget = max_length - 1  # room for </s>
     kept: list[list[int]] = []
     used = 0
-    for ids in reversed(turn_ids):
-        cost = len(ids) + (len(sep_ids) if kept else 0)
+    for j in range(end - 1, -1, -1):
+        cost = len(turn_ids[j]) + (len(sep_ids) if kept else 0)
         if used + cost > budget:
             break
-        kept.append(ids)
+        kept.append(turn_ids[j])
         used += cost
-    truncated = len(kept) < len(turn_ids)
+    truncated = len(kept) < end
     if not kept:  # the newest turn alone is too long: keep its end
-        kept = [turn_ids[-1][len(turn_ids[-1]) - budget :]] if budget > 0 else [[]]
+        kept = [turn_ids[end - 1][len(turn_ids[end - 1]) - budget :]] if budget > 0 else [[]]
         truncated = True
     out: list[int] = []
     for ids in reversed(kept):
@@ -235,11 +253,9 @@ class DatasetStats:
         skipped = f"{len(self.skipped_lines)} skipped lines"
         if self.skipped_lines:
             skipped += " (e.g. line " + ", ".join(map(str, self.skipped_lines[:5])) + ": fewer than 2 turns)"
-        return (
-            f"{self.dialogues:,} dialogues, {self.pairs:,} pairs, {skipped}, "
-            f"{self.truncated_inputs} truncated inputs, {self.truncated_targets} truncated targets; "
-            f"tokens p50/p90/p99/max: input {pct(self.input_lengths)}, target {pct(self.target_lengths)}"
-        )
+        return (f"{self.dialogues:,} dialogues, {self.pairs:,} pairs, {skipped}, "
+                f"{self.truncated_inputs} truncated inputs, {self.truncated_targets} truncated targets; "
+                f"tokens p50/p90/p99/max: input {pct(self.input_lengths)}, target {pct(self.target_lengths)}")
 
 
 class DailyDialogDataset(torch.utils.data.Dataset):
@@ -251,13 +267,12 @@ class DailyDialogDataset(torch.utils.data.Dataset):
     def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128, dialogue_ids=None):
         """``dialogue_ids``: use only these dialogues of the file (by index), e.g. a held-out share."""
         self.path = Path(path)
-        self.max_length = max_length
-        self.max_target_length = max_target_length
+        self.max_length, self.max_target_length = max_length, max_target_length
         dialogues, skipped = read_dialogues(self.path)
         if dialogue_ids is not None:
             dialogues = [dialogues[i] for i in dialogue_ids]
         self.sha256 = sha256(self.path)  # what a resumed run checks it still has
-        self.pairs = dialogue_pairs(dialogues)
+        self.pairs = Pairs(dialogues, max_turns=max_length)  # more turns never fit: each costs a separator
 
         # Tokenize each distinct turn once, in one batched call of the fast
         # tokenizer; pairs then only assemble lists of ids.
@@ -271,21 +286,16 @@ class DailyDialogDataset(torch.utils.data.Dataset):
             ids = turn_ids[start : start + len(d)]
             start += len(d)
             for i in range(1, len(d)):
-                input_ids, cut = assemble_input(ids[:i], sep_ids, eos, max_length)
+                input_ids, cut = assemble_input(ids, sep_ids, eos, max_length, end=i)
                 labels = encode_target(ids[i], eos, max_target_length)
                 truncated_inputs += cut
                 truncated_targets += len(ids[i]) + 1 > max_target_length
                 self.examples.append({"input_ids": input_ids, "labels": labels})
         self.pad_id = tokenizer.pad_token_id  # for collate
-        self.stats = DatasetStats(
-            dialogues=len(dialogues),
-            pairs=len(self.examples),
-            skipped_lines=skipped,
-            truncated_inputs=truncated_inputs,
-            truncated_targets=truncated_targets,
-            input_lengths=[len(e["input_ids"]) for e in self.examples],
-            target_lengths=[len(e["labels"]) for e in self.examples],
-        )
+        self.stats = DatasetStats(dialogues=len(dialogues), pairs=len(self.examples), skipped_lines=skipped,
+                                  truncated_inputs=truncated_inputs, truncated_targets=truncated_targets,
+                                  input_lengths=[len(e["input_ids"]) for e in self.examples],
+                                  target_lengths=[len(e["labels"]) for e in self.examples])
 
     @property
     def src_lengths(self) -> list[int]:

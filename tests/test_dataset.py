@@ -3,6 +3,7 @@
 import codecs
 import collections
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,38 @@ def test_missing_file_is_an_error(tmp_path):
 
 def test_every_turn_after_the_first_is_a_target_with_all_earlier_turns():
     pairs = dialogue_pairs([["a", "b", "c"], ["x", "y"]])
-    assert pairs == [(["a"], "b"), (["a", "b"], "c"), (["x"], "y")]
+    assert list(pairs) == [(["a"], "b"), (["a", "b"], "c"), (["x"], "y")]
+    assert len(pairs) == 3 and pairs[-1] == (["x"], "y") and pairs[1:] == [(["a", "b"], "c"), (["x"], "y")]
+
+
+def long_dialogue(tmp_path, turns):
+    return write(tmp_path, " __eou__ ".join(f"turn {i} says hi" for i in range(turns)) + " __eou__\n", name=f"long{turns}.txt")
+
+
+def test_a_long_dialogue_takes_memory_in_proportion_to_its_examples(tokenizer, tmp_path):
+    # Copying each turn's history made memory and time grow with the square of a dialogue's
+    # length: 21.7 GB for one line of 73,000 turns. Each input holds at most max_length ids, so
+    # the dataset needs a fixed number of bytes per (example, token); 83 here, 830 before.
+    path = long_dialogue(tmp_path, 3000)
+    tracemalloc.start()
+    try:
+        ds = DailyDialogDataset(tokenizer, path, max_length=16, max_target_length=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(ds) == 2999
+    assert peak < 200 * len(ds) * 16
+
+
+def test_pairs_of_a_long_dialogue_keep_the_turns_an_input_can_hold(tokenizer, tmp_path):
+    ds = DailyDialogDataset(tokenizer, long_dialogue(tmp_path, 60), max_length=16, max_target_length=8)
+    turns = read_dialogues(ds.path)[0][0]
+    assert len(ds.pairs) == len(ds) == 59
+    assert ds.pairs[2] == (turns[:3], turns[3])  # pair k answers turn k + 1
+    assert ds.pairs[58] == (turns[59 - 16 : 59], turns[59])  # never more turns than max_length tokens can hold
+    for k, (history, _) in enumerate(ds.pairs):  # so the model input is the same as from the whole history
+        whole = encode_history(tokenizer, turns[: k + 1], 16)
+        assert encode_history(tokenizer, history, 16) == whole == ds.examples[k]["input_ids"]
 
 
 # ---------------------------------------------------------------- model input
