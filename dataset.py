@@ -261,7 +261,8 @@ class DatasetStats:
 class DailyDialogDataset(torch.utils.data.Dataset):
     """(history -> response) pairs of a DailyDialog file, tokenized once.
 
-    ``ds[i]`` is ``{"input_ids": [...], "labels": [...]}`` (unpadded ids).
+    ``ds.examples[i]``: unpadded ``{"input_ids", "labels"}`` lists for `collate`; ``ds[i]``: tensors padded to max_length
+    / max_target_length, with attention_mask, for torch's DataLoader (made when asked, never stored); ``ds.pairs[i]``: text.
     """
 
     def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128, dialogue_ids=None):
@@ -309,16 +310,18 @@ class DailyDialogDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i):
-        return self.examples[i]
+        return {k: v[0] for k, v in collate([self.examples[i]], self.pad_id, self.max_length, self.max_target_length).items()}
 
 
 # ---------------------------------------------------------------- batching
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Pad a batch to its own longest input and target (labels with -100)."""
-    src = max(len(e["input_ids"]) for e in examples)
-    tgt = max(len(e["labels"]) for e in examples)
+def collate(examples: list[dict], pad_id: int, src_length: int = 0, tgt_length: int = 0) -> dict:
+    """Pad a batch to its own longest input and target (labels with -100), or to the given lengths if longer."""
+    if not isinstance(examples[0]["input_ids"], list):  # padded tensors would all look full: every pad attended to
+        raise TypeError("collate takes unpadded examples (ds.examples[i]), not the padded tensors of ds[i]")
+    src = max(src_length, *(len(e["input_ids"]) for e in examples))
+    tgt = max(tgt_length, *(len(e["labels"]) for e in examples))
     input_ids = torch.full((len(examples), src), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), src), dtype=torch.long)
     labels = torch.full((len(examples), tgt), -100, dtype=torch.long)
@@ -379,7 +382,7 @@ def collated_steps(steps, ds, rank: int, world: int, device):
     cores are busy with the model, so collation stays inline.
     """
     def make(step_batches):
-        batches = [collate([ds[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
+        batches = [collate([ds.examples[i] for i in b], ds.pad_id) for b in step_batches[rank::world]]
         if device.type == "cuda":
             batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         return step_batches, batches

@@ -94,5 +94,5 @@ def banner(r, model):
     log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
     for i in (0, len(r.train_ds) // 2):
-        e = r.train_ds[i]
+        e = r.train_ds.examples[i]
         log(f"example {i}:\n  input : {r.tokenizer.decode(e['input_ids'])}\n  target: {r.tokenizer.decode(e['labels'])}")

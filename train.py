@@ -342,7 +342,7 @@ def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int 
     batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for b in batches:
-        batch = models.to_device(collate([dataset[i] for i in b], dataset.pad_id), device)
+        batch = models.to_device(collate([dataset.examples[i] for i in b], dataset.pad_id), device)
         with models.autocast(device, precision):
             totals[0] += models.token_loss_sum(model, batch).double()
         totals[1] += (batch["labels"] != -100).sum()

@@ -57,7 +57,7 @@ def packed_batch(ds, rows, start_id):
     for b, r in enumerate(rows):
         s = t = 0
         for k, i in enumerate(r):
-            e = ds[i]
+            e = ds.examples[i]
             n, m = len(e["input_ids"]), len(e["labels"])
             input_ids[b, s : s + n] = torch.tensor(e["input_ids"])
             labels[b, t : t + m] = torch.tensor(e["labels"])
@@ -151,7 +151,7 @@ def run(argv) -> int:
     with torch.no_grad():
         check = packed[0]
         a = packed_loss_sum(model, packed_batch(ds, check, start_id))
-        b = models.token_loss_sum(model, collate([ds[i] for r in check for i in r], ds.pad_id))
+        b = models.token_loss_sum(model, collate([ds.examples[i] for r in check for i in r], ds.pad_id))
     print(f"packed vs unpacked loss on {sum(map(len, check))} examples: {a.item():.4f} vs {b.item():.4f}")
     assert torch.allclose(a, b, rtol=1e-4), (a, b)
 
@@ -161,7 +161,8 @@ def run(argv) -> int:
     def cost_packed(rs):
         return sum(src[i] + tgt[i] for r in rs for i in r), packed_cost(rs)
 
-    bt, be = timed(model, bucketed, lambda b: models.token_loss_sum(model, collate([ds[i] for i in b], ds.pad_id)), cost_bucketed)
+    bt, be = timed(model, bucketed, lambda b: models.token_loss_sum(model, collate([ds.examples[i] for i in b], ds.pad_id)),
+                   cost_bucketed)
     pt, pe = timed(model, packed, lambda rs: packed_loss_sum(model, packed_batch(ds, rs, start_id)), cost_packed)
     print(f"{len(ids)} examples, {torch.get_num_threads()} threads")
     print(f"bucketed: {len(bucketed)} batches, padding efficiency {be:.1%}, {bt:,.0f} real tokens/s")

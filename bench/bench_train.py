@@ -138,7 +138,7 @@ def arm_seed(w: Path, lr: float, pairs: int) -> dict:
     real = processed = 0
     start = time.perf_counter()
     for k in range(0, len(idx), 2):
-        ex = [ds[i] for i in idx[k : k + 2]]
+        ex = [ds.examples[i] for i in idx[k : k + 2]]
         input_ids = torch.full((len(ex), 512), tokenizer.pad_token_id)
         mask = torch.zeros_like(input_ids)
         labels = torch.full((len(ex), 512), -100)

@@ -7,6 +7,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SAMPLE, SHARED
 from transformers import AutoTokenizer
 
@@ -14,6 +15,7 @@ from dataset import (EOU, DailyDialogDataset, DataError, assemble_input, batch_c
                      encode_history, padding_efficiency, read_dialogues, split_lines, token_budget_batches)
 
 REAL_FILES = [SAMPLE / "train.txt", SAMPLE / "validation.txt", SHARED / "train.txt", SHARED / "validation.txt"]
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
@@ -73,8 +75,6 @@ def test_a_bad_byte_is_reported_on_its_line_whatever_the_line_ends(tmp_path):
     path = write(tmp_path, b"A . __eou__ B . __eou__\r" * 3 + b"bad \xff __eou__ x __eou__\r", mode="wb")
     with pytest.raises(DataError, match="line 4 is not valid UTF-8"):
         read_dialogues(path)
-
-
 
 
 @pytest.mark.parametrize("codec, bom", [("utf-16-le", codecs.BOM_UTF16_LE), ("utf-16-be", codecs.BOM_UTF16_BE),
@@ -239,10 +239,10 @@ def test_dataset_examples_match_encode_history_and_stats(tokenizer, tmp_path):
     ds = DailyDialogDataset(tokenizer, path, max_length=512, max_target_length=4)
     assert len(ds) == 2
     # Training input is exactly what inference builds for the same history.
-    assert ds[1]["input_ids"] == encode_history(tokenizer, ["Hi .", "Hello , how are you ?"])
+    assert ds.examples[1]["input_ids"] == encode_history(tokenizer, ["Hi .", "Hello , how are you ?"])
     # Targets are cut to max_target_length and end with </s>.
     full = tokenizer("Great , thanks a lot .", add_special_tokens=False)["input_ids"]
-    assert ds[1]["labels"] == full[:3] + [tokenizer.eos_token_id]
+    assert ds.examples[1]["labels"] == full[:3] + [tokenizer.eos_token_id]
     s = ds.stats
     assert (s.dialogues, s.pairs, s.skipped_lines, s.truncated_targets) == (1, 2, [2], 2)
     assert "1 skipped lines" in s.summary() and "p50/p90/p99/max" in s.summary()
@@ -254,7 +254,7 @@ def test_dataset_counts_truncated_inputs(tokenizer, tmp_path):
     ds = DailyDialogDataset(tokenizer, write(tmp_path, line), max_length=24)
     assert max(len(e["input_ids"]) for e in ds.examples) <= 24
     assert ds.stats.truncated_inputs > 0
-    last = tokenizer.decode(ds[len(ds) - 1]["input_ids"], skip_special_tokens=True)
+    last = tokenizer.decode(ds.examples[-1]["input_ids"], skip_special_tokens=True)
     assert last.endswith("turn eleven has several words")  # the newest turn survives
 
 
@@ -266,6 +266,38 @@ def test_collate_pads_inputs_and_masks_labels_with_minus_100():
     assert batch["input_ids"].tolist() == [[5, 6, 1], [8, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[7, 1, -100, -100], [9, 9, 9, 1]]
+
+
+def test_the_seed_snippet_batches_with_torchs_dataloader(tokenizer, tmp_path, monkeypatch):
+    # The seed's own usage: unpadded lists stopped the default collate ("each element in list of
+    # batch should be of equal size"). Items are padded tensors now, built when asked for.
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "".join(f"Hi {i} . __eou__ Hello , how are you ? __eou__ Fine {'very ' * i}. __eou__\n" for i in range(5)),
+          name="dialogues_text.txt")
+    from torch.utils.data import DataLoader
+
+    ds = DailyDialogDataset(tokenizer, "dialogues_text.txt", max_length=512)
+    loader = DataLoader(ds, batch_size=2, shuffle=True)
+    rows = []
+    for batch in loader:
+        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (len(batch["labels"]), 512)
+        assert batch["labels"].shape[1] == 128
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+            n, m = int(mask.sum()), int((labels != -100).sum())
+            assert mask[:n].all() and not mask[n:].any() and (ids[n:] == tokenizer.pad_token_id).all()
+            assert (labels[:m] != -100).all() and (labels[m:] == -100).all()
+            rows.append((ids[:n].tolist(), labels[:m].tolist()))
+    assert len(rows) == len(ds) == 10 and len(next(iter(loader))["labels"]) == 2
+    assert sorted(rows) == sorted((e["input_ids"], e["labels"]) for e in ds.examples)
+
+
+def test_collate_refuses_padded_items(tokenizer, tmp_path):
+    # Padded rows all look full: collate would attend to every pad. The suite batches ds.examples.
+    ds = DailyDialogDataset(tokenizer, write(tmp_path, "Hi . __eou__ Hello . __eou__\n"), max_length=32)
+    with pytest.raises(TypeError, match=r"ds.examples\[i\]"):
+        collate([ds[0]], ds.pad_id)
+    assert torch.equal(collate(ds.examples, ds.pad_id, 32, 128)["labels"], ds[0]["labels"][None])
 
 
 def random_lengths(n=500, seed=1):

@@ -64,7 +64,7 @@ def test_batched_generation_equals_one_call_per_pair(loaded, data_dir, options):
 def test_perplexity_is_the_models_own_loss(loaded, data_dir):
     model, tokenizer = loaded
     ds = DailyDialogDataset(tokenizer, data_dir / "validation.txt", max_length=64, max_target_length=24)
-    example = ds[3]
+    example = ds.examples[3]
     nll, tokens = evaluation.target_nll(model, [example], tokenizer.pad_token_id, CPU)
     assert tokens == len(example["labels"])  # every target token, </s> included
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_perplexity_is_the_models_own_loss(loaded, data_dir):
     assert perplexity(nll, tokens) == pytest.approx(math.exp(loss.item()), rel=1e-5)
 
     # In padded batches, padding counts for nothing: the sums of single examples.
-    examples = [ds[i] for i in range(10)]
+    examples = ds.examples[:10]
     singles = [evaluation.target_nll(model, [e], tokenizer.pad_token_id, CPU) for e in examples]
     nll, tokens = evaluation.target_nll(model, examples, tokenizer.pad_token_id, CPU, batch_size=4)
     assert tokens == sum(t for _, t in singles) == sum(len(e["labels"]) for e in examples)

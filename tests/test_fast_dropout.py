@@ -40,7 +40,7 @@ def test_apply_dropout_zeroes_and_rescales_and_its_gradient_matches():
 def _batch(tiny_model, data_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
-    return collate([ds[i] for i in range(6)], tok.pad_token_id)  # rows of different lengths: masks matter
+    return collate(ds.examples[:6], tok.pad_token_id)  # rows of different lengths: masks matter
 
 
 def test_installed_model_computes_the_same_function_in_eval(tiny_model, data_dir):

@@ -253,7 +253,7 @@ def _tiny_examples(tiny_model, data_dir, n):
     """The tiny model (eval mode), its tokenizer and the first n training examples."""
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ds = DailyDialogDataset(tok, data_dir / "train.txt", max_length=64)
-    return AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval(), tok, [ds[i] for i in range(n)]
+    return AutoModelForSeq2SeqLM.from_pretrained(tiny_model).eval(), tok, ds.examples[:n]
 
 
 def test_loss_is_the_same_for_one_big_batch_and_accumulated_halves(tiny_model, data_dir):
