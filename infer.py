@@ -2,7 +2,7 @@
 
     python infer.py "How are you?"          # one response on stdout
     python infer.py                         # chat (keeps the conversation; /reset, /quit)
-    echo "Hi there" | python infer.py       # one response per input line
+    echo "Hi there" | python infer.py       # one response per input line (answered in batches)
     python infer.py --checkpoint DIR ...    # a given checkpoint (default: best, else latest)
     python infer.py --precision bf16 ...    # bf16 autocast (auto: bf16 on a GPU that has it)
 
@@ -22,6 +22,7 @@ from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import as_text, encode_history
 from generation import DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generation_options, max_input_length
 from models import autocast, resolve_precision, set_math_mode
+from piped import BATCH, line_batches
 
 warn = functools.partial(cli.warn, "infer.py")
 
@@ -69,19 +70,32 @@ def chat(model, tokenizer, device, max_length, options):
         history += [text, reply]
 
 
-def answer_lines(lines, model, tokenizer, device, max_length, options):
-    """Piped input (lines of bytes): one prompt per line, one response per line."""
-    for number, raw in enumerate(lines, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            warn(f"line {number} is not valid UTF-8; its undecodable bytes were replaced by U+FFFD")
-            line = raw.decode("utf-8", "replace")
-        if not line.strip():
-            warn(f"line {number} is empty; answered with an empty line")
-            print(flush=True)
-            continue
-        print(generate_response(line, model, tokenizer, device, max_length=max_length, **options), flush=True)
+def line_text(raw: bytes, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        warn(f"line {number} is not valid UTF-8; its undecodable bytes were replaced by U+FFFD")
+        return raw.decode("utf-8", "replace")
+
+
+def answer_lines(batches, model, tokenizer, device, max_length, options):
+    """Piped input (batches of lines of bytes): one response line per input line, in order.
+
+    Each batch is one `generate` call; `generate_ids` pads it, so greedy and
+    beam replies are the ones a line alone would get.
+    """
+    number = 0
+    for batch in batches:
+        texts = []
+        for raw in batch:
+            number += 1
+            texts.append(line_text(raw, number))
+            if not texts[-1].strip():
+                warn(f"line {number} is empty; answered with an empty line")
+        inputs = [encode_history(tokenizer, [t], max_length) for t in texts if t.strip()]
+        replies = iter(generate_ids(inputs, model, tokenizer, device, **options) if inputs else [])
+        for t in texts:
+            print(next(replies) if t.strip() else "", flush=True)
 
 
 def build_parser():
@@ -114,7 +128,9 @@ def run(argv) -> int:
             print(f"loaded {path} ({device}, {precision})", file=sys.stderr)
             chat(model, tokenizer, device, max_length, options)
         else:
-            answer_lines(sys.stdin.buffer, model, tokenizer, device, max_length, options)
+            # Sampled replies depend on which lines share a batch; one at a time they stay reproducible with --seed.
+            size = 1 if options["do_sample"] else BATCH
+            answer_lines(line_batches(sys.stdin.fileno(), size), model, tokenizer, device, max_length, options)
     return 0
 
 

@@ -1,0 +1,120 @@
+"""Piped input answered in batches: the same replies as one line at a time, in order, and no wait for a lone line."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+import infer
+from generation import load
+from piped import line_batches
+
+CPU = torch.device("cpu")
+LINES = [f"{w} , how are you {i} ?" if i % 7 else "What time is it ?" for i, w in
+         enumerate(["Hello", "Hi", "Good morning", "Excuse me", "Well"] * 8)]  # 40: a full batch of 32, then 8
+LINES[5] = ""  # an empty line is answered with an empty line, in its place
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load(tiny_model, CPU)
+
+
+def one_at_a_time(loaded, lines, **options):
+    model, tokenizer = loaded
+    return [infer.generate_response(t, model, tokenizer, CPU, max_length=64, **options) if t.strip() else "" for t in lines]
+
+
+def pipe_holding(data: bytes) -> int:
+    """The read end of a pipe that already holds ``data`` and whose writer has gone."""
+    read, write = os.pipe()
+    os.write(write, data)
+    os.close(write)
+    return read
+
+
+def test_line_batches_take_what_is_there_in_order():
+    fd = pipe_holding(b"".join(b"line %d\n" % i for i in range(70)) + b"last, no newline")
+    try:
+        batches = list(line_batches(fd, size=32))
+    finally:
+        os.close(fd)
+    assert [len(b) for b in batches] == [32, 32, 7]
+    assert sum(batches, []) == [b"line %d" % i for i in range(70)] + [b"last, no newline"]
+
+
+def test_a_lone_line_in_an_open_pipe_is_a_batch_at_once():
+    read, write = os.pipe()
+    batches = line_batches(read, size=32)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
+    try:
+        os.write(write, b"Hello there .\n")  # and nothing more for now: the writer keeps the pipe open
+        reader.start()
+        reader.join(timeout=120)  # a hang guard: a batch that waited for 31 more lines would never come
+        assert got == [[b"Hello there ."]]
+        os.write(write, b"Bye .\n")
+        os.close(write)
+        assert list(batches) == [[b"Bye ."]]
+    finally:
+        os.close(read)
+        if not got:
+            os.close(write)
+
+
+def test_a_batch_is_one_generate_call_with_the_replies_of_one_at_a_time(loaded, capsys):
+    model, tokenizer = loaded
+    calls = []
+    handle = model.get_encoder().register_forward_pre_hook(lambda *_: calls.append(1))
+    fd = pipe_holding("".join(t + "\n" for t in LINES).encode())
+    try:
+        infer.answer_lines(line_batches(fd), model, tokenizer, CPU, 64, dict(max_new_tokens=10))
+    finally:
+        handle.remove()
+        os.close(fd)
+    out, err = capsys.readouterr()
+    assert len(calls) == 2  # 39 prompts (one line is empty) in two generate calls
+    assert out.split("\n")[:-1] == one_at_a_time(loaded, LINES, max_new_tokens=10)
+    assert err.strip() == "infer.py: line 6 is empty; answered with an empty line"
+
+
+def test_beam_search_in_a_batch_gives_the_replies_of_one_at_a_time(loaded, capsys):
+    model, tokenizer = loaded
+    lines = LINES[:12]
+    fd = pipe_holding("".join(t + "\n" for t in lines).encode())
+    try:
+        infer.answer_lines(line_batches(fd), model, tokenizer, CPU, 64, dict(max_new_tokens=8, num_beams=3))
+    finally:
+        os.close(fd)
+    assert capsys.readouterr().out.split("\n")[:-1] == one_at_a_time(loaded, lines, max_new_tokens=8, num_beams=3)
+
+
+@pytest.mark.slow
+def test_piped_lines_through_infer_py_are_answered_in_order(tiny_model, loaded):
+    result = run_cli("infer.py", "--checkpoint", tiny_model, "--max-new-tokens", "10",
+                     input="".join(t + "\n" for t in LINES))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[:-1] == one_at_a_time(loaded, LINES, max_new_tokens=10)
+
+
+@pytest.mark.slow
+def test_a_line_typed_into_an_open_pipe_is_answered_before_the_next(tiny_model, loaded):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "6"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        answers = []
+        for line in ("Hello there .", "What time is it ?"):
+            p.stdin.write(line.encode() + b"\n")
+            p.stdin.flush()
+            answers.append(p.stdout.readline().decode().rstrip("\n"))  # stdin stays open: no EOF to wait for
+        p.stdin.close()
+        assert p.wait(timeout=300) == 0 and p.stdout.read() == b""
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert answers == one_at_a_time(loaded, ["Hello there .", "What time is it ?"], max_new_tokens=6)
