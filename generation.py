@@ -7,6 +7,7 @@ so the model sees conversations in the format it learned.
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch
 import checkpoint as ckpt
 import models
 from cli import UserError
+from dataset import encode_history
 from models import GENERATION_DEFAULTS
 
 DEFAULT_DIR = "checkpoints"
@@ -107,3 +109,97 @@ def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
+    """The model's reply to ``text`` after the earlier turns in ``history``."""
+    if not text or not text.strip():
+        raise UserError("empty prompt: type some text")
+    ids = encode_history(tokenizer, list(history or []) + [text], max_length)
+    return generate_ids([ids], model, tokenizer, device, **options)[0]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def stop_when(should_stop):
+    """A stopping criterion for `generate`: every row ends at the next step once ``should_stop()`` is true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhen()])
+
+
+def stream_response(text, model, tokenizer, device, history=None, max_length=512, stop=None, **options):
+    """Yield the reply `generate_response` gives, in pieces, as the model writes it.
+
+    The pieces join to exactly that reply: the same `generate_ids` call runs
+    in a worker thread with transformers' `TextIteratorStreamer`, and the
+    reply's strip() is applied on the fly (leading whitespace dropped,
+    trailing whitespace held back until more text follows it). Beam search
+    cannot stream (the best beam is known only at the end): it comes as one piece.
+
+    Closing the generator (a reader that left, Ctrl-C) stops the worker at
+    its next token and waits for it, so the model is free when this returns;
+    ``stop`` (a callable) can end it early too, checked once per token.
+    """
+    from transformers import TextIteratorStreamer
+
+    if not text or not text.strip():
+        raise UserError("empty prompt: type some text")
+    ids = encode_history(tokenizer, list(history or []) + [text], max_length)
+    cancelled = threading.Event()
+    streamer = None
+    if options.get("num_beams", GENERATION_DEFAULTS["num_beams"]) == 1:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    criteria = stop_when(lambda: cancelled.is_set() or (stop is not None and stop()))
+    worker = _Worker([ids], model, tokenizer, device, dict(options, streamer=streamer, stopping_criteria=criteria))
+    worker.start()
+    sent, pending = "", ""
+    try:
+        for piece in streamer if streamer is not None else ():
+            piece = (pending + piece) if sent else (pending + piece).lstrip()
+            body = piece.rstrip()
+            pending = piece[len(body):]
+            if body:
+                sent += body
+                yield body
+        worker.join()
+        worker.raise_error()
+        if not cancelled.is_set() and worker.reply.startswith(sent) and worker.reply != sent:
+            yield worker.reply[len(sent):]  # beam search's whole reply, or what the streamer held back
+    finally:
+        cancelled.set()
+        worker.join()
+
+
+class _Worker(threading.Thread):
+    """`generate_ids` in a thread, under the caller's autocast; keeps the reply or the error.
+
+    Autocast is per thread: without carrying it over, ``--precision bf16``
+    would silently generate in fp32 here.
+    """
+
+    def __init__(self, inputs, model, tokenizer, device, options):
+        super().__init__(daemon=True)  # a Ctrl-C'd program must not wait for it at exit
+        self.args = (inputs, model, tokenizer, device)
+        self.options = options
+        kind = torch.device(device).type
+        self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        self.reply, self.error = "", None
+
+    def run(self):
+        kind, enabled, dtype = self.autocast
+        try:
+            with torch.autocast(kind, dtype=dtype, enabled=enabled):
+                self.reply = generate_ids(*self.args, **self.options)[0]
+        except BaseException as e:  # handed to the reader's thread, which reports it
+            self.error = e
+            streamer = self.options.get("streamer")
+            if streamer is not None:
+                streamer.end()  # the reader would otherwise wait for text forever
+
+    def raise_error(self):
+        if self.error is not None:
+            raise self.error

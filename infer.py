@@ -20,26 +20,19 @@ import torch
 import cli
 from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import as_text, encode_history
-from generation import DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generation_options, max_input_length
+from generation import (DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generate_response, generation_options,
+                        max_input_length, stream_response)
 from models import autocast, resolve_precision, set_math_mode
 from piped import BATCH, line_batches
 
 warn = functools.partial(cli.warn, "infer.py")
 
 
-def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
-    """The model's reply to ``text`` after the earlier turns in ``history``."""
-    if not text or not text.strip():
-        raise UserError("empty prompt: type some text")
-    ids = encode_history(tokenizer, list(history or []) + [text], max_length)
-    return generate_ids([ids], model, tokenizer, device, **options)[0]
-
-
 # ---------------------------------------------------------------- CLI
 
 
 def chat(model, tokenizer, device, max_length, options):
-    """Interactive chat; the history is trimmed to fit by encode_history.
+    """Interactive chat; the history is trimmed to fit by encode_history; replies show as they are written.
 
     Ctrl-C while the model writes cancels that reply and keeps the
     conversation; Ctrl-C (or Ctrl-D) at the prompt leaves.
@@ -62,12 +55,30 @@ def chat(model, tokenizer, device, max_length, options):
         if not text:
             continue
         try:
-            reply = generate_response(text, model, tokenizer, device, history=history, max_length=max_length, **options)
+            reply = say(stream_response(text, model, tokenizer, device, history=history, max_length=max_length, **options))
         except KeyboardInterrupt:
             print("\n(reply cancelled; the conversation is kept. Ctrl-C at the prompt leaves)", file=sys.stderr)
             continue
-        print(f"bot> {reply}", flush=True)  # shown at once even when stdout is a pipe (| tee)
         history += [text, reply]
+
+
+def say(pieces) -> str:
+    """Print ``bot> `` and the reply piece by piece as it comes; return the whole reply.
+
+    Flushed at each piece: shown at once even when stdout is a pipe (| tee).
+    A reply cut short (Ctrl-C) still ends its line.
+    """
+    reply = ""
+    try:
+        for piece in pieces:
+            print(piece if reply else f"bot> {piece}", end="", flush=True)
+            reply += piece
+    except BaseException:
+        if reply:
+            print(flush=True)
+        raise
+    print("" if reply else "bot> ", flush=True)
+    return reply
 
 
 def line_text(raw: bytes, number: int) -> str:

@@ -111,13 +111,13 @@ def test_a_100k_character_prompt_is_truncated_and_answered(tiny_model):
 def test_chat_keeps_history_and_resets(loaded, monkeypatch, capsys):
     model, tokenizer = loaded
     seen = []
-    real = infer.generate_response
+    real = infer.stream_response
 
     def spy(text, *args, history=None, **kw):  # records what the real function was given
         seen.append(list(history or []))
         return real(text, *args, history=history, **kw)
 
-    monkeypatch.setattr(infer, "generate_response", spy)
+    monkeypatch.setattr(infer, "stream_response", spy)
     typed = iter(["Hi .", "How are you ?", "/reset", "Bye .", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
     infer.chat(model, tokenizer, "cpu", 64, dict(max_new_tokens=3))
