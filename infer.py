@@ -3,6 +3,7 @@
     python infer.py "How are you?"          # one response on stdout
     python infer.py                         # chat (keeps the conversation; /reset, /quit)
     echo "Hi there" | python infer.py       # one response per input line (answered in batches)
+    python infer.py --serve                 # a chat page and a JSON API on http://127.0.0.1:8000/ (serve.py)
     python infer.py --checkpoint DIR ...    # a given checkpoint (default: best, else latest)
     python infer.py --precision bf16 ...    # bf16 autocast (auto: bf16 on a GPU that has it)
 
@@ -18,6 +19,7 @@ import sys
 import torch
 
 import cli
+import serve
 from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import as_text, encode_history
 from generation import (DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generate_response, generation_options,
@@ -116,6 +118,7 @@ def build_parser():
     cli.add_device_arg(p)
     cli.add_precision_arg(p)
     add_generation_args(p)
+    serve.add_serve_args(p)
     return p
 
 
@@ -125,6 +128,7 @@ def run(argv) -> int:
     prompt = None if args.prompt is None else as_text(args.prompt)
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt: give some text, e.g. python infer.py \"How are you?\"")
+    server = serve.open_server(args, prompt)  # None without --serve; bound before the load, so a busy port fails fast
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     set_math_mode(device, precision)
@@ -132,7 +136,9 @@ def run(argv) -> int:
     max_length = max_input_length(path)
     torch.manual_seed(args.seed)
     with autocast(device, precision):
-        if prompt is not None:
+        if server is not None:
+            serve.serve(server, serve.Engine(model, tokenizer, device, precision, max_length, options, path, args.queue))
+        elif prompt is not None:
             # Flushed here, inside run_script's handlers: a reader that left must not fail Python's exit-time flush.
             print(generate_response(prompt, model, tokenizer, device, max_length=max_length, **options), flush=True)
         elif sys.stdin.isatty():

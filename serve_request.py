@@ -1,0 +1,89 @@
+"""What a POST /api/reply body may say, checked: the message, the history, stream, the decoding options.
+
+Every problem is a `BadRequest` with the HTTP status and one line that names
+the field and what it must be. The decoding options' ranges are the CLI's
+own (`generation.generation_options`), reported in the API's field names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from cli import UserError
+from files import first_line
+from generation import generation_options
+
+MAX_NEW_TOKENS, MAX_BEAMS = 1024, 8  # per request (or the server's own defaults, if higher): one request cannot hog the model
+OPTION_TYPES = {"max_new_tokens": int, "num_beams": int, "do_sample": bool, "top_p": float, "top_k": int,
+                "temperature": float, "no_repeat_ngram_size": int, "repetition_penalty": float, "seed": int}
+FIELDS = ("message", "history", "stream", *OPTION_TYPES)
+KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def limits(defaults: dict) -> dict:
+    """The largest max_new_tokens and num_beams a request may ask for."""
+    return {"max_new_tokens": max(MAX_NEW_TOKENS, defaults["max_new_tokens"]), "num_beams": max(MAX_BEAMS, defaults["num_beams"])}
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(body: bytes, defaults: dict) -> tuple[str, list[str], bool, dict, int | None]:
+    """(message, history, stream, decoding options, seed) from a request body, or BadRequest saying what is wrong."""
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "the body is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(400, f"malformed JSON: {first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, 'the body must be a JSON object, e.g. {"message": "Hi"}')
+    if unknown := sorted(set(data) - set(FIELDS)):
+        raise BadRequest(400, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    data = {k: v for k, v in data.items() if v is not None}  # null means "not given"
+    message, history, stream = data.get("message"), data.get("history", []), data.get("stream", False)
+    if not isinstance(message, str) or not message.strip():
+        raise BadRequest(400, '"message" must be non-empty text')
+    if not isinstance(history, list) or not all(isinstance(turn, str) for turn in history):
+        raise BadRequest(400, '"history" must be a list of strings (the earlier turns, oldest first)')
+    if not isinstance(stream, bool):
+        raise BadRequest(400, '"stream" must be true or false')
+    options = dict(defaults)
+    for name, kind in OPTION_TYPES.items():
+        if name in data:
+            value = data[name]
+            if not fits(value, kind):
+                raise BadRequest(400, f'"{name}" must be {KIND_WORDS[kind]}')
+            options[name] = float(value) if kind is float else value
+    seed = options.pop("seed", None)
+    check_options(options, defaults, seed)
+    return message, history, stream, options, seed
+
+
+def fits(value, kind) -> bool:
+    """JSON's true is not the integer 1 here, and 2 is a fine float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int) or (kind is float and isinstance(value, float))
+
+
+def check_options(options: dict, defaults: dict, seed):
+    """The CLI's range checks (generation_options), in the API's names; and the server's own ceilings."""
+    try:
+        generation_options(argparse.Namespace(**options))
+    except UserError as e:
+        raise BadRequest(400, re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))) from None
+    for name, ceiling in limits(defaults).items():
+        if options[name] > ceiling:
+            raise BadRequest(400, f"{name} {options[name]} is above this server's limit of {ceiling}")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise BadRequest(400, "seed must be in [0, 2**63)")
