@@ -48,11 +48,13 @@ PAGE = Path(__file__).with_name("serve_page.html")
 
 
 def add_serve_args(parser: argparse.ArgumentParser):
+    """--serve and its settings; these have no default in `args` (SUPPRESS), so that given without --serve they are caught."""
     a = parser.add_argument_group("serving").add_argument
     a("--serve", action="store_true", help="serve a chat page and a JSON API (POST /api/reply) instead of answering here")
-    a("--host", default=None, help=f"address to listen on with --serve (default {HOST}: this machine only)")
-    a("--port", type=int, default=None, help=f"port for --serve (default {PORT}; 0 picks a free one)")
-    a("--queue", type=int, default=None, help=f"requests that may wait while one is answered (default {QUEUE}); more get 503")
+    a("--host", default=argparse.SUPPRESS, help=f"address to listen on with --serve (default {HOST}: this machine only)")
+    a("--port", type=int, default=argparse.SUPPRESS, help=f"port for --serve (default {PORT}; 0 picks a free one)")
+    a("--queue", type=int, default=argparse.SUPPRESS,
+      help=f"requests that may wait while one is answered (default {QUEUE}); more get 503")
 
 
 def exposure_warning(host: str) -> str | None:
@@ -73,6 +75,7 @@ def _is_loopback(host: str) -> bool:
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for clients
     engine: Engine
+    queue: int
 
     def __init__(self, address, handler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -91,18 +94,18 @@ class Server(ThreadingHTTPServer):
 
 def open_server(args, prompt) -> Server | None:
     """The listening socket for --serve (None without it), bound before the model loads so that a busy port fails fast."""
+    given = vars(args)
     if not args.serve:
-        given = [f"--{flag}" for flag in ("host", "port", "queue") if getattr(args, flag) is not None]
-        if given:  # a mistake, not something to ignore
-            raise UserError(f"{', '.join(given)} only work with --serve; add --serve or drop them")
+        if stray := [f"--{flag}" for flag in ("host", "port", "queue") if flag in given]:  # a mistake, not something to ignore
+            raise UserError(f"{', '.join(stray)} without --serve: add --serve or drop {'it' if len(stray) == 1 else 'them'}")
         return None
     if prompt is not None:
         raise UserError("--serve answers over HTTP, not a prompt given here; drop the prompt (or --serve)")
-    host, port = args.host or HOST, PORT if args.port is None else args.port
+    host, port, queue = given.get("host", HOST), given.get("port", PORT), given.get("queue", QUEUE)
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: not a port; use 1-65535 (0 picks a free one)")
-    if args.queue is not None and args.queue < 0:
-        raise UserError(f"--queue {args.queue}: cannot be negative; 0 means no waiting (503 while busy)")
+    if queue < 0:
+        raise UserError(f"--queue {queue}: cannot be negative; 0 means no waiting (503 while busy)")
     try:
         server = Server((host, port), Handler)
     except (OSError, UnicodeError) as e:  # UnicodeError: a host name that is not even a valid name
@@ -112,6 +115,7 @@ def open_server(args, prompt) -> Server | None:
         raise UserError(f"cannot listen on {host}:{port} ({reason}); check --host and --port") from None
     if warning := exposure_warning(host):
         print(warning, file=sys.stderr, flush=True)
+    server.queue = queue  # for the Engine, once the model is loaded
     return server
 
 

@@ -37,7 +37,7 @@ def loaded(tiny_model):
 def url(tiny_model, loaded):
     model, tokenizer = loaded
     engine = serve.Engine(model, tokenizer, CPU, "fp32", 64, OPTIONS, tiny_model)
-    server = serve.open_server(Namespace(serve=True, host=None, port=0, queue=None), None)
+    server = serve.open_server(Namespace(serve=True, port=0), None)
     thread = threading.Thread(target=serve.serve, args=(server, engine), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"

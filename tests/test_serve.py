@@ -36,7 +36,7 @@ def server(tiny_model, loaded):
     """serve.serve in a thread, as `python infer.py --serve --port 0` runs it: .port, .engine."""
     model, tokenizer = loaded
     engine = serve.Engine(model, tokenizer, CPU, "fp32", MAX_LENGTH, DEFAULTS, tiny_model, queue=2)
-    srv = serve.open_server(Namespace(serve=True, host=None, port=0, queue=None), None)
+    srv = serve.open_server(Namespace(serve=True, port=0), None)
     thread = threading.Thread(target=serve.serve, args=(srv, engine), daemon=True)
     thread.start()
     srv.port = srv.server_address[1]
