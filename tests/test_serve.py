@@ -326,7 +326,7 @@ def test_bad_serve_flags_are_one_line_errors(tiny_model, capsys):
 
 
 @pytest.mark.slow
-def test_python_infer_py_serve_answers_and_ctrl_c_ends_it_in_one_line(tiny_model, loaded):
+def test_python_infer_py_serve_logs_one_line_per_request_and_ctrl_c_ends_it_in_one_line(tiny_model, loaded):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "infer.py", "--serve", "--port", "0", "--checkpoint", str(tiny_model),
                           "--max-new-tokens", "8"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
@@ -336,6 +336,13 @@ def test_python_infer_py_serve_answers_and_ctrl_c_ends_it_in_one_line(tiny_model
         assert port, banner
         server = Namespace(port=int(port.group(1)))
         assert ask(server, message="How are you ?") == expected(loaded, "How are you ?")
+        assert request(server, "POST", "/api/reply", b'{"message": ')[0] == 400
+        with socket.create_connection(("127.0.0.1", server.port), timeout=300) as s:  # a client that leaves mid-stream
+            body = b'{"message": "Hi .", "stream": true, "max_new_tokens": 1000}'
+            s.sendall(b"POST /api/reply HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            while b"data: {" not in s.recv(4096):
+                pass
+        assert ask(server, message="Bye .") == expected(loaded, "Bye .")  # served after the stopped one
         p.send_signal(signal.SIGINT)
         err = p.stderr.read()
         assert p.wait(timeout=300) == 130
@@ -344,4 +351,7 @@ def test_python_infer_py_serve_answers_and_ctrl_c_ends_it_in_one_line(tiny_model
             p.kill()
     lines = err.strip().splitlines()
     assert lines[-1] == "infer.py: interrupted" and "Traceback" not in err, err
-    assert len(lines) == 2 and '"POST /api/reply HTTP/1.1" 200' in lines[0]  # one line per request
+    assert len(lines) == 5, err  # one line per request
+    assert '"POST /api/reply HTTP/1.1" 200' in lines[0] and '"POST /api/reply HTTP/1.1" 400' in lines[1]
+    left, served = sorted(lines[2:4], key=lambda line: "client left" not in line)  # either may finish first
+    assert "client left; generation stopped" in left and '"POST /api/reply HTTP/1.1" 200' in served
