@@ -8,8 +8,8 @@
 Top to bottom: `run`, a table of contents (output dir, data, model, state,
 restore, fit, finish) -> `fit`, the loop, with `train_step`, `evaluate`,
 logging and `save` beside it. The flags live in flags.py, checkpoints in
-checkpoint.py (atomic, verified). The part of `state` listed in SAVED is
-exactly what a checkpoint saves and `--resume` loads.
+checkpoint.py (atomic, verified). A checkpoint saves the loop's counters
+(SAVED) with the optimizer and RNG states; `--resume` loads them in `restore`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def run(argv) -> int:
     for message in damaged:
         log(message)
     precision = models.resolve_precision(args.precision, device)
-    data_note = choose_data(args, rank, world, log)
+    data_note = pick_data(args, rank, world, log)
     model, tokenizer, saved = load_model(args, typed, resume_from, log)
     log(data_note)
     train_ds, val_ds = datafiles.load_datasets(args, tokenizer)
@@ -84,7 +84,7 @@ def run(argv) -> int:
     return code
 
 
-def choose_data(args, rank: int, world: int, log) -> str:
+def pick_data(args, rank: int, world: int, log) -> str:
     """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
     if rank == 0:
         choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
@@ -206,7 +206,7 @@ def lr_at(step: int, offset: int, args, total: int) -> float:
 
 
 def restore(state, saved: dict, r: Run, checkpoint: Path):
-    """Load a checkpoint's training state into ``state``; flags typed now apply from here on.
+    """Load a checkpoint's training state into ``state`` (flags typed with --resume were merged by flags.py).
 
     The run goes on at the same batch of the same epoch, and step numbers go on
     from the checkpoint's, whatever the step size (--grad-accum x world size).
