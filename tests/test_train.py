@@ -138,6 +138,11 @@ def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_di
     (["--precision", "fp8"], ["--precision fp8"]),
     (["--val-share", "0"], ["--val-share", "between 0 and 1"]),
     (["--val-share", "1.5"], ["--val-share"]),
+    # nan and inf passed the range checks and failed a step later, blaming --lr: refused when parsed
+    (["--lr", "inf"], ["--lr", "'inf' is not a finite number"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "'nan' is not a number"]),
+    (["--warmup-ratio=-inf"], ["--warmup-ratio", "not a finite number"]),
+    (["--max-grad-norm", "nan"], ["--max-grad-norm", "not a number"]),
     (["--output-dir", ""], ["--output-dir", "empty"]),
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
