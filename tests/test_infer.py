@@ -159,6 +159,14 @@ def test_a_decoding_flag_that_is_not_a_finite_number_is_one_line(flag, value, ca
     assert e.value.code == 2 and len(err) == 1 and flag in err[0] and f"'{value}' is not a" in err[0], err
 
 
+def test_no_prompt_with_stdin_closed_is_one_line(tiny_model, monkeypatch, capsys):
+    """`python infer.py <&-`: Python's sys.stdin is None, which was an AttributeError traceback."""
+    monkeypatch.setattr("sys.stdin", None)
+    assert infer.main(["--checkpoint", tiny_model]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stdin is closed" in err[0] and "give a prompt" in err[0], err
+
+
 def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert infer.main(["Hi"]) == 2
