@@ -111,7 +111,7 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
             continue
         if key not in typed:
             setattr(args, key, value)
-        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != value:
+        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != _as_recorded(value, key):
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
                             f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
@@ -120,7 +120,11 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
 
 
 def _as_recorded(value, key):
-    return datafiles.absolute(value) if key in ("train_file", "val_file") else value
+    """The value as a run records it: data files absolute, a model folder absolute however it was typed
+    (``dir/``, ``./dir``, relative to another cwd); a hub name or 'scratch' as is."""
+    if key in ("train_file", "val_file") or (key == "model" and isinstance(value, str) and Path(value).is_dir()):
+        return datafiles.absolute(value)
+    return value
 
 
 def run_config(args) -> dict:
