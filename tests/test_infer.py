@@ -159,6 +159,12 @@ def test_a_decoding_flag_that_is_not_a_finite_number_is_one_line(flag, value, ca
     assert e.value.code == 2 and len(err) == 1 and flag in err[0] and f"'{value}' is not a" in err[0], err
 
 
+def test_a_checkpoint_flag_naming_a_file_says_it_is_a_file(tiny_model, capsys):
+    assert infer.main(["--checkpoint", tiny_model / "model.safetensors", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors: a file, not a folder" in err[0], err
+
+
 def test_no_prompt_with_stdin_closed_is_one_line(tiny_model, monkeypatch, capsys):
     """`python infer.py <&-`: Python's sys.stdin is None, which was an AttributeError traceback."""
     monkeypatch.setattr("sys.stdin", None)

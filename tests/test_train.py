@@ -193,6 +193,11 @@ def test_output_dir_problems_are_one_line_errors(tiny_model, data_dir, tmp_path,
     assert call_main(train_args(tiny_model, data_dir, tmp_path / "empty", "--resume")[1:]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")  # was "not writable (File exists)"
+    assert call_main(train_args(tiny_model, data_dir, dangling)[1:]) == 2
+    assert "symlink to" in capsys.readouterr().err and dangling.is_symlink() and not (tmp_path / "gone").exists()
+
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
