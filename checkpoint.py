@@ -255,7 +255,8 @@ def find(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
     path = Path(checkpoint or output_dir)
     if not path.is_dir():
         if checkpoint:
-            raise UserError(f"--checkpoint {path}: no such folder; "
+            what = "a file, not a folder" if path.exists() else "no such folder"  # e.g. the model.safetensors inside
+            raise UserError(f"--checkpoint {path}: {what}; "
                             "pass a checkpoint folder such as checkpoints/checkpoint-00001000")
         raise UserError(f"no checkpoint found in {path}/; train one with `python train.py` or pass --checkpoint DIR")
     if looks_like_checkpoint(path):

@@ -10,6 +10,7 @@ exit code shells expect, so no user ever sees a traceback for those.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -35,6 +36,30 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """A float flag's type: nan and inf are refused when parsed, in one line.
+
+    A range check such as ``value > 0`` lets inf through and answers nan
+    either way; past the parser nan reaches the optimizer or the sampler and
+    fails far from its cause (a nan weight decay reads as "lower --lr").
+    """
+    value = float_flag(text)
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def float_flag(text: str) -> float:
+    """A float flag's type where inf means "no limit" (--max-grad-norm): only nan is refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
 
 
 def add_device_arg(parser):

@@ -87,15 +87,16 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
 
     Returns ``(dialogues, skipped)`` where ``skipped`` holds the 1-based
     numbers of non-blank lines that had fewer than two turns (no pair to
-    learn from). Tolerates a BOM, UTF-16/32 with a BOM, CRLF or lone CR line
-    ends, runs of spaces, blank lines and a missing final ``__eou__``; any
-    whitespace inside a turn (U+2028, tabs, ...) becomes one space.
+    learn from). Tolerates a BOM, UTF-16/32 with a BOM, CRLF or lone CR line ends, runs of spaces,
+    blank lines and a missing final ``__eou__``; any whitespace inside a turn becomes one space.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found; check the path (see --help for the defaults)")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a DailyDialog text file; pass the .txt file")
+    if not path.is_file():  # a FIFO would block until a writer comes, and a pipe is empty the second time it is read
+        raise DataError(f"{path}: not a regular file (a pipe or a device); save the dialogues to a file and pass that")
     try:
         raw = path.read_bytes()
     except OSError as e:  # unreadable (permissions, I/O error): the user can fix it, no traceback

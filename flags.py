@@ -14,7 +14,7 @@ from pathlib import Path
 
 import datafiles
 import models
-from cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive
+from cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive, finite_float, float_flag
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description="Fine-tune T5 on DailyDialog with a plain PyTorch loop.")
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the hub answers, else the demo sample)")
     a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, "
                                        "else --val-share of it)")
-    a("--val-share", type=float, default=0.05, help="with no validation file, hold out this share of whole dialogues (seeded)")
+    a("--val-share", type=finite_float, default=0.05,
+      help="with no validation file, hold out this share of whole dialogues (seeded)")
     a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
     a("--output-dir", default="checkpoints", help="where checkpoints, metrics.jsonl and the loss plot go")
     a("--resume", action="store_true", help="continue from the newest good checkpoint in --output-dir")
@@ -35,12 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop when the step counter reaches N (overrides --epochs). One step is one optimizer step of whatever size "
            "(--grad-accum x processes): a resumed run counts on from its checkpoint's step number, so N is the last "
            "step's number whatever the world size or --grad-accum; the learning rate reaches 0 there")
-    a("--lr", type=float, default=5e-4, help="peak learning rate of AdamW")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not applied to biases and layer norms)")
-    a("--warmup-ratio", type=float, default=0.05, help="share of all steps spent warming the learning rate up from 0")
+    a("--lr", type=finite_float, default=5e-4, help="peak learning rate of AdamW")
+    a("--weight-decay", type=finite_float, default=0.01, help="AdamW weight decay (not applied to biases and layer norms)")
+    a("--warmup-ratio", type=finite_float, default=0.05, help="share of all steps spent warming the learning rate up from 0")
     a("--max-tokens", type=int, default=2048, help="token budget of a batch: rows x (longest input + longest target)")
     a("--grad-accum", type=int, default=1, help="batches whose gradients are summed before one optimizer step")
-    a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this value (0 disables)")
+    a("--max-grad-norm", type=float_flag, default=1.0, help="clip the gradient norm to this value (0 or inf disables)")
     a("--max-length", type=int, default=512, help="input tokens; older turns are dropped first")
     a("--max-target-length", type=int, default=128, help="target tokens; longer responses are cut")
     a("--eval-every", type=int, default=500, help="validation loss every N steps (and at each epoch end)")
@@ -110,7 +111,7 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
             continue
         if key not in typed:
             setattr(args, key, value)
-        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != value:
+        elif key in FIXED_ON_RESUME and value is not None and _as_recorded(getattr(args, key), key) != _as_recorded(value, key):
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{flag} cannot change on --resume ({FIXED_ON_RESUME[key]}): {checkpoint.name} was trained with "
                             f"{flag} {value}; drop the flag, or start a new run with another --output-dir")
@@ -119,7 +120,11 @@ def merge_resumed_flags(args, typed: set[str], recorded: dict, checkpoint: Path)
 
 
 def _as_recorded(value, key):
-    return datafiles.absolute(value) if key in ("train_file", "val_file") else value
+    """The value as a run records it: data files absolute, a model folder absolute however it was typed
+    (``dir/``, ``./dir``, relative to another cwd); a hub name or 'scratch' as is."""
+    if key in ("train_file", "val_file") or (key == "model" and isinstance(value, str) and Path(value).is_dir()):
+        return datafiles.absolute(value)
+    return value
 
 
 def run_config(args) -> dict:

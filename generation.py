@@ -14,7 +14,7 @@ import torch
 
 import checkpoint as ckpt
 import models
-from cli import UserError
+from cli import UserError, finite_float
 from dataset import encode_history
 from models import GENERATION_DEFAULTS
 
@@ -72,11 +72,13 @@ def add_generation_args(parser: argparse.ArgumentParser):
     a("--max-new-tokens", type=int, default=d["max_new_tokens"], help="longest response, in tokens")
     a("--num-beams", type=int, default=d["num_beams"], help="beam search width (1 = greedy or sampling)")
     a("--do-sample", action="store_true", help="sample instead of picking the most likely token")
-    a("--top-p", type=float, default=d["top_p"], help="nucleus sampling: keep the smallest token set with this probability")
+    a("--top-p", type=finite_float, default=d["top_p"],
+      help="nucleus sampling: keep the smallest token set with this probability")
     a("--top-k", type=int, default=d["top_k"], help="sampling: keep the k most likely tokens")
-    a("--temperature", type=float, default=d["temperature"], help="sampling temperature (lower = safer)")
+    a("--temperature", type=finite_float, default=d["temperature"], help="sampling temperature (lower = safer)")
     a("--no-repeat-ngram-size", type=int, default=d["no_repeat_ngram_size"], help="never repeat an n-gram of this size (0 = off)")
-    a("--repetition-penalty", type=float, default=d["repetition_penalty"], help="penalty for tokens already generated (1 = off)")
+    a("--repetition-penalty", type=finite_float, default=d["repetition_penalty"],
+      help="penalty for tokens already generated (1 = off)")
     a("--seed", type=int, default=0, help="random seed for --do-sample")
 
 

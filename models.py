@@ -206,7 +206,8 @@ def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size:
     if name == "scratch":
         return (*build_scratch(train_file, scratch_vocab_size, seed), "scratch")
     try:
-        return (*load_pretrained(name, f"--model {name}"), name)
+        # A local folder is recorded absolute, so --resume (which compares --model) works from any cwd.
+        return (*load_pretrained(name, f"--model {name}"), str(Path(name).resolve()) if Path(name).is_dir() else name)
     except (OSError, ValueError) as e:  # not found, unreachable, unreadable (a ModelProblem is neither: it stops here)
         if named_by_user:  # the user named it: never swap in something else
             raise cannot_load(name, e) from None

@@ -33,6 +33,9 @@ def open_run_dir(flag: str, resume: bool, is_main: bool):
     out = Path(flag)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is an existing file; pass a folder path")
+    if out.is_symlink() and not out.exists():  # mkdir would fail with "File exists", read as a permission problem
+        raise UserError(f"--output-dir {out} is a symlink to {os.readlink(out)}, which does not exist; "
+                        "create that folder or pass another --output-dir")
     if out.is_dir() and looks_like_checkpoint(out):
         raise UserError(f"--output-dir {out} is a checkpoint, not an output dir; pass the folder that holds it "
                         f"({out.resolve().parent})")

@@ -5,7 +5,9 @@ import errno
 import pytest
 import torch
 
-from cli import UserError, check_positive, run_script
+import argparse
+
+from cli import UserError, check_positive, finite_float, float_flag, run_script
 
 
 def ends_with(capsys, run, **kwargs):
@@ -67,3 +69,13 @@ def test_check_positive_names_the_flag_and_lets_unset_ones_pass():
     check_positive(Args, "batch_size", "max_steps")
     with pytest.raises(UserError, match=r"^--lr must be positive, got 0.0$"):
         check_positive(Args, "batch_size", "lr")
+
+
+def test_float_flags_refuse_nan_and_inf_where_inf_means_nothing():
+    assert finite_float("1e-4") == 1e-4 and float_flag("inf") == float("inf")  # --max-grad-norm inf: no clipping
+    for text in ("nan", "inf", "-inf", "1e999", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not a"):
+            finite_float(text)
+    for text in ("nan", "NaN", "fast"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{text}' is not a number"):
+            float_flag(text)

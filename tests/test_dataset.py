@@ -3,6 +3,7 @@
 import codecs
 import collections
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -157,6 +158,15 @@ def test_a_file_that_cannot_be_read_is_an_error():
     # permission problem would (root ignores permissions, so they cannot stand in for it here).
     with pytest.raises(DataError, match="cannot be read"):
         read_dialogues("/proc/self/mem")
+
+
+def test_a_pipe_or_a_device_is_refused_without_reading_it(tmp_path):
+    """The file is read several times (check, dataset, hash): a FIFO hung the first read, a pipe is empty the next."""
+    fifo = tmp_path / "dialogues.fifo"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/null"), fifo):  # /dev/null first: without the check the FIFO would hang this test
+        with pytest.raises(DataError, match="not a regular file"):
+            read_dialogues(path)
 
 
 def test_missing_file_is_an_error(tmp_path):

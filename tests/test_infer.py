@@ -149,6 +149,30 @@ def test_error_paths_are_one_line_with_exit_code_2(tiny_model, tmp_path):
     assert_user_error(run_cli("infer.py", "--checkpoint", tiny_model, "--top-p", "0", "Hi"), "--top-p")
 
 
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--repetition-penalty", "nan"),
+                                         ("--temperature", "inf"), ("--top-p", "nan")])
+def test_a_decoding_flag_that_is_not_a_finite_number_is_one_line(flag, value, capsys):
+    """nan reached generate() and ended in a transformers traceback; inf decoded noise with exit 0."""
+    with pytest.raises(SystemExit) as e:
+        infer.main(["Hi", "--do-sample", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0] and f"'{value}' is not a" in err[0], err
+
+
+def test_a_checkpoint_flag_naming_a_file_says_it_is_a_file(tiny_model, capsys):
+    assert infer.main(["--checkpoint", tiny_model / "model.safetensors", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors: a file, not a folder" in err[0], err
+
+
+def test_no_prompt_with_stdin_closed_is_one_line(tiny_model, monkeypatch, capsys):
+    """`python infer.py <&-`: Python's sys.stdin is None, which was an AttributeError traceback."""
+    monkeypatch.setattr("sys.stdin", None)
+    assert infer.main(["--checkpoint", tiny_model]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stdin is closed" in err[0] and "give a prompt" in err[0], err
+
+
 def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert infer.main(["Hi"]) == 2

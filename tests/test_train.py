@@ -138,6 +138,11 @@ def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_di
     (["--precision", "fp8"], ["--precision fp8"]),
     (["--val-share", "0"], ["--val-share", "between 0 and 1"]),
     (["--val-share", "1.5"], ["--val-share"]),
+    # nan and inf passed the range checks and failed a step later, blaming --lr: refused when parsed
+    (["--lr", "inf"], ["--lr", "'inf' is not a finite number"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "'nan' is not a number"]),
+    (["--warmup-ratio=-inf"], ["--warmup-ratio", "not a finite number"]),
+    (["--max-grad-norm", "nan"], ["--max-grad-norm", "not a number"]),
     (["--output-dir", ""], ["--output-dir", "empty"]),
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
@@ -187,6 +192,11 @@ def test_output_dir_problems_are_one_line_errors(tiny_model, data_dir, tmp_path,
 
     assert call_main(train_args(tiny_model, data_dir, tmp_path / "empty", "--resume")[1:]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")  # was "not writable (File exists)"
+    assert call_main(train_args(tiny_model, data_dir, dangling)[1:]) == 2
+    assert "symlink to" in capsys.readouterr().err and dangling.is_symlink() and not (tmp_path / "gone").exists()
 
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
@@ -416,10 +426,11 @@ def test_flags_fixed_for_a_run_are_refused_on_resume(flag, value, why, ten_copy,
     assert snapshot(ten_copy) == before
 
 
-def test_typing_the_recorded_value_again_is_accepted(ten_copy, data_dir, monkeypatch):
+def test_typing_the_recorded_value_again_is_accepted(ten_copy, data_dir, tiny_model, monkeypatch):
     monkeypatch.chdir(data_dir)  # the training file typed relative to another folder, still the same file
+    model = os.path.relpath(tiny_model, data_dir) + "/"  # and the model folder spelled another way: it was refused
     assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "11", "--seed", "42",
-                      "--train-file", "train.txt", "--scratch-vocab-size", "8000"]) == 0
+                      "--train-file", "train.txt", "--scratch-vocab-size", "8000", "--model", model]) == 0
     assert ckpt.load_training_state(latest(ten_copy))["step"] == 11
 
 
@@ -537,18 +548,20 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_only_good_checkpo
     assert max(r["step"] for r in rows) <= bad
 
 
-def test_a_relative_train_file_is_recorded_absolute_and_resume_works_from_elsewhere(tiny_model, data_dir, tmp_path,
-                                                                                       monkeypatch):
+def test_relative_data_and_model_paths_are_recorded_absolute_and_resume_works_from_elsewhere(tiny_model, data_dir,
+                                                                                                 tmp_path, monkeypatch):
     shutil.copytree(data_dir, tmp_path / "d")
+    shutil.copytree(tiny_model, tmp_path / "m")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert call_main(["--model", tiny_model, "--train-file", "d/train.txt", "--val-file", "d/validation.txt",
+    assert call_main(["--model", "m", "--train-file", "d/train.txt", "--val-file", "d/validation.txt",
                       "--output-dir", "out", *TINY_FLAGS, "--max-steps", "2", "--save-every", "2"]) == 0
     config = strict_json((tmp_path / "out" / "checkpoint-00000002" / ckpt.RUN_CONFIG).read_text())
     assert config["train_file"] == str(tmp_path / "d" / "train.txt")
     assert config["val_file"] == str(tmp_path / "d" / "validation.txt")
-    monkeypatch.chdir(tmp_path / "elsewhere")  # no d/ here
-    assert call_main(["--resume", "--output-dir", tmp_path / "out", "--max-steps", "3"]) == 0
+    assert config["model"] == str(tmp_path / "m")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # no d/ or m/ here: the model typed relative to this folder is the same
+    assert call_main(["--resume", "--output-dir", tmp_path / "out", "--max-steps", "3", "--model", "../m"]) == 0
     assert ckpt.load_training_state(latest(tmp_path / "out"))["step"] == 3
 
 
