@@ -308,7 +308,9 @@ def test_bf16_resume_after_kill_9_is_bit_exact(tiny_model, data_dir, tmp_path):
     assert run_cli("train.py", *argv(tiny_model, data_dir, straight, *bf16)).returncode == 0
     result = run_cli("train.py", *argv(tiny_model, data_dir, out, *bf16), env={"FAULT": "kill:mid_step@8"})
     assert result.returncode == -9
-    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--resume"))
+    # The same command line with --resume (a typed --epochs alone would replace the recorded --max-steps);
+    # --precision is not retyped: the recorded bf16 must apply.
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--max-steps", "10", "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from checkpoint-00000006" in result.stdout and "bf16" in result.stdout
     assert_same_run(out, straight)
