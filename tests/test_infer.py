@@ -149,6 +149,21 @@ def test_error_paths_are_one_line_with_exit_code_2(tiny_model, tmp_path):
     assert_user_error(run_cli("infer.py", "--checkpoint", tiny_model, "--top-p", "0", "Hi"), "--top-p")
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--do-sample", "--temperature", "nan"], ["--temperature nan", "finite"]),  # HF's own ValueError, a traceback
+    (["--do-sample", "--temperature", "inf"], ["--temperature inf", "finite"]),  # silently uniform sampling
+    (["--repetition-penalty", "nan"], ["--repetition-penalty nan", "finite"]),
+    (["--do-sample", "--temperature", "1e-320"], ["--temperature at least"]),  # scores overflow: NaN probabilities
+    (["--do-sample", "--repetition-penalty", "1e-300"], ["--repetition-penalty must be at least"]),
+])
+def test_decoding_numbers_that_break_generate_are_one_line_errors(tiny_model, capsys, flags, words):
+    assert infer.main(["--checkpoint", str(tiny_model), "--max-new-tokens", "4", *flags, "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], (w, err)
+
+
 def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert infer.main(["Hi"]) == 2

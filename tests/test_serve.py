@@ -199,6 +199,9 @@ BAD_BODIES = [
     (b'{"message": "Hi", "temperature": 0}', "temperature"),
     (b'{"message": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
     (b'{"message": "Hi", "seed": -1}', "seed"),
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e400}', "temperature inf: not a finite number"),  # JSON's inf
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e-320}', "temperature at least"),  # was a 500: NaN probabilities
+    (b'{"message": "Hi", "repetition_penalty": 1e400}', "repetition_penalty inf"),
     (b'{"msg": "Hi"}', "unknown field(s) msg"),
 ]
 
