@@ -74,6 +74,9 @@ def _is_loopback(host: str) -> bool:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for clients
+    # socketserver's backlog is 5: in a burst (a page and its scripts, a load test) the kernel drops the 7th
+    # connection's SYN and the client retries after 1, 3, 7... s, up to a minute, before the server even sees it.
+    request_queue_size = socket.SOMAXCONN
     engine: Engine
     queue: int
 

@@ -292,6 +292,17 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     assert len(steps) < 1000  # the tiny model never writes </s>: uncancelled, this stream would take 1000 steps
 
 
+def test_a_burst_of_connections_is_taken_at_once():
+    """The listen backlog holds a burst: with socketserver's 5, the 7th connect waited for a SYN retry (1 s, 3 s, ...)."""
+    srv = serve.open_server(Namespace(serve=True, port=0), None)  # not serving yet: nothing accepts, all wait in the backlog
+    try:
+        clients = [socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=0.5) for _ in range(40)]
+        for c in clients:
+            c.close()
+    finally:
+        srv.server_close()
+
+
 # ---------------------------------------------------------------- the command line
 
 
