@@ -105,6 +105,8 @@ def open_server(args, prompt) -> Server | None:
     if prompt is not None:
         raise UserError("--serve answers over HTTP, not a prompt given here; drop the prompt (or --serve)")
     host, port, queue = given.get("host", HOST), given.get("port", PORT), given.get("queue", QUEUE)
+    if host.startswith("[") and host.endswith("]"):  # [::1] as URLs (and our banner) write it; bind wants ::1
+        host = host[1:-1]
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: not a port; use 1-65535 (0 picks a free one)")
     if queue < 0:

@@ -292,6 +292,15 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     assert len(steps) < 1000  # the tiny model never writes </s>: uncancelled, this stream would take 1000 steps
 
 
+def test_an_ipv6_host_may_be_written_as_in_a_url():
+    for host in ("::1", "[::1]"):  # the banner says http://[::1]:PORT/; "[::1]" was "Name or service not known"
+        srv = serve.open_server(Namespace(serve=True, host=host, port=0), None)
+        try:
+            assert srv.server_address[0] == "::1"
+        finally:
+            srv.server_close()
+
+
 def test_a_burst_of_connections_is_taken_at_once():
     """The listen backlog holds a burst: with socketserver's 5, the 7th connect waited for a SYN retry (1 s, 3 s, ...)."""
     srv = serve.open_server(Namespace(serve=True, port=0), None)  # not serving yet: nothing accepts, all wait in the backlog
