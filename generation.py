@@ -7,6 +7,7 @@ so the model sees conversations in the format it learned.
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from dataset import encode_history
 from models import GENERATION_DEFAULTS
 
 DEFAULT_DIR = "checkpoints"
+# The model's scores are divided by --temperature (and by --repetition-penalty): far below this they overflow
+# float32 to inf, and sampling then fails on NaN probabilities; nobody needs less (0.001 is greedy in all but name).
+MIN_DIVISOR = 1e-3
 
 # ---------------------------------------------------------------- loading
 
@@ -85,12 +89,16 @@ def add_generation_args(parser: argparse.ArgumentParser):
 def generation_options(args) -> dict:
     """The decoding flags as keyword arguments for `generate`; checks their ranges."""
     options = {k: getattr(args, k) for k in GENERATION_DEFAULTS}
+    for name in ("top_p", "temperature", "repetition_penalty"):  # argparse and JSON (1e400) both let nan and inf through
+        if not math.isfinite(options[name]):
+            raise UserError(f"--{name.replace('_', '-')} {options[name]}: not a finite number; give one like the default, "
+                            f"{GENERATION_DEFAULTS[name]}")
     if options["max_new_tokens"] < 1 or options["num_beams"] < 1:
         raise UserError("--max-new-tokens and --num-beams must be at least 1")
-    if not 0 < options["top_p"] <= 1 or options["temperature"] <= 0 or options["top_k"] < 0:
-        raise UserError("--top-p must be in (0, 1], --temperature above 0 and --top-k not negative")
-    if options["no_repeat_ngram_size"] < 0 or options["repetition_penalty"] <= 0:
-        raise UserError("--no-repeat-ngram-size cannot be negative and --repetition-penalty must be above 0")
+    if not 0 < options["top_p"] <= 1 or options["temperature"] < MIN_DIVISOR or options["top_k"] < 0:
+        raise UserError(f"--top-p must be in (0, 1], --temperature at least {MIN_DIVISOR} and --top-k not negative")
+    if options["no_repeat_ngram_size"] < 0 or options["repetition_penalty"] < MIN_DIVISOR:
+        raise UserError(f"--no-repeat-ngram-size cannot be negative and --repetition-penalty must be at least {MIN_DIVISOR}")
     return options
 
 

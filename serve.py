@@ -74,6 +74,9 @@ def _is_loopback(host: str) -> bool:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # Ctrl-C does not wait for clients
+    # socketserver's backlog is 5: in a burst (a page and its scripts, a load test) the kernel drops the 7th
+    # connection's SYN and the client retries after 1, 3, 7... s, up to a minute, before the server even sees it.
+    request_queue_size = socket.SOMAXCONN
     engine: Engine
     queue: int
 
@@ -102,6 +105,8 @@ def open_server(args, prompt) -> Server | None:
     if prompt is not None:
         raise UserError("--serve answers over HTTP, not a prompt given here; drop the prompt (or --serve)")
     host, port, queue = given.get("host", HOST), given.get("port", PORT), given.get("queue", QUEUE)
+    if host.startswith("[") and host.endswith("]"):  # [::1] as URLs (and our banner) write it; bind wants ::1
+        host = host[1:-1]
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: not a port; use 1-65535 (0 picks a free one)")
     if queue < 0:

@@ -173,6 +173,18 @@ def test_no_prompt_with_stdin_closed_is_one_line(tiny_model, monkeypatch, capsys
     assert len(err) == 1 and "stdin is closed" in err[0] and "give a prompt" in err[0], err
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--do-sample", "--temperature", "1e-320"], ["--temperature at least"]),  # scores overflow: NaN probabilities
+    (["--do-sample", "--repetition-penalty", "1e-300"], ["--repetition-penalty must be at least"]),
+])
+def test_decoding_numbers_that_break_generate_are_one_line_errors(tiny_model, capsys, flags, words):
+    assert infer.main(["--checkpoint", str(tiny_model), "--max-new-tokens", "4", *flags, "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], (w, err)
+
+
 def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert infer.main(["Hi"]) == 2

@@ -199,6 +199,9 @@ BAD_BODIES = [
     (b'{"message": "Hi", "temperature": 0}', "temperature"),
     (b'{"message": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
     (b'{"message": "Hi", "seed": -1}', "seed"),
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e400}', "temperature inf: not a finite number"),  # JSON's inf
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e-320}', "temperature at least"),  # was a 500: NaN probabilities
+    (b'{"message": "Hi", "repetition_penalty": 1e400}', "repetition_penalty inf"),
     (b'{"msg": "Hi"}', "unknown field(s) msg"),
 ]
 
@@ -287,6 +290,26 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
         handle.remove()
     assert engine.stopped_early == stopped_before + 1
     assert len(steps) < 1000  # the tiny model never writes </s>: uncancelled, this stream would take 1000 steps
+
+
+def test_an_ipv6_host_may_be_written_as_in_a_url():
+    for host in ("::1", "[::1]"):  # the banner says http://[::1]:PORT/; "[::1]" was "Name or service not known"
+        srv = serve.open_server(Namespace(serve=True, host=host, port=0), None)
+        try:
+            assert srv.server_address[0] == "::1"
+        finally:
+            srv.server_close()
+
+
+def test_a_burst_of_connections_is_taken_at_once():
+    """The listen backlog holds a burst: with socketserver's 5, the 7th connect waited for a SYN retry (1 s, 3 s, ...)."""
+    srv = serve.open_server(Namespace(serve=True, port=0), None)  # not serving yet: nothing accepts, all wait in the backlog
+    try:
+        clients = [socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=0.5) for _ in range(40)]
+        for c in clients:
+            c.close()
+    finally:
+        srv.server_close()
 
 
 # ---------------------------------------------------------------- the command line
