@@ -126,14 +126,21 @@ def test_chat_keeps_history_and_resets(loaded, monkeypatch, capsys):
     assert capsys.readouterr().out.count("bot>") == 3
 
 
-def test_chat_ends_on_eof(loaded, monkeypatch):
+def test_chat_answers_then_ends_on_eof(loaded, monkeypatch, capsys):
     model, tokenizer = loaded
+    lines = ["Hello there ."]
 
-    def eof(prompt=""):
-        raise EOFError
+    def typed(prompt=""):
+        if not lines:
+            raise EOFError  # what input() raises at Ctrl-D
+        return lines.pop(0)
 
-    monkeypatch.setattr("builtins.input", eof)
-    infer.chat(model, tokenizer, "cpu", 64, {})  # returns instead of raising
+    monkeypatch.setattr("builtins.input", typed)
+
+    infer.chat(model, tokenizer, "cpu", 64, {})  # returns at Ctrl-D instead of raising
+    out = capsys.readouterr().out.splitlines()
+    expected = infer.generate_response("Hello there .", model, tokenizer, "cpu", max_length=64)
+    assert out == [f"bot> {expected}"]  # one answer, then a clean exit
 
 
 # ---------------------------------------------------------------- errors
