@@ -46,8 +46,13 @@ def url(tiny_model, loaded):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     from selenium import webdriver
+
+    # Selenium talks to chromedriver on 127.0.0.1 over HTTP, and a proxy the user exported would take that
+    # connection; the page is on loopback too, which Chromium never sends to a proxy.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
