@@ -131,6 +131,12 @@ def run(argv) -> int:
     if prompt is None and not args.serve and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
         raise UserError("no prompt and no input (stdin is closed): give a prompt, e.g. python infer.py \"How are you?\"")
     server = serve.open_server(args, prompt)  # None without --serve; bound before the load, so a busy port fails fast
+    # A closed stream (`<&-`, `>&-`) is None in Python: replies printed to it vanish with exit code 0, and
+    # reading it is an AttributeError. Said before the model loads.
+    if server is None and sys.stdout is None:
+        raise UserError("standard output is closed (>&-), so the replies would be lost; redirect it to a file instead")
+    if server is None and prompt is None and sys.stdin is None:
+        raise UserError('standard input is closed (<&-): give a prompt, e.g. python infer.py "How are you?", or pipe lines in')
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     set_math_mode(device, precision)

@@ -192,6 +192,16 @@ def test_decoding_numbers_that_break_generate_are_one_line_errors(tiny_model, ca
         assert w in err[0], (w, err)
 
 
+@pytest.mark.parametrize("stream, words", [("stdin", ["standard input is closed", "prompt"]),
+                                            ("stdout", ["standard output is closed", "lost"])])
+def test_a_closed_stdin_or_stdout_is_a_one_line_error(tiny_model, capsys, monkeypatch, stream, words):
+    """`python infer.py <&-` was an AttributeError traceback; `... >&-` answered into nothing with exit code 0."""
+    monkeypatch.setattr(sys, stream, None)
+    assert infer.main(["--checkpoint", str(tiny_model), *(["Hi"] if stream == "stdout" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
 def test_no_checkpoint_at_all_says_how_to_get_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert infer.main(["Hi"]) == 2
