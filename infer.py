@@ -128,8 +128,6 @@ def run(argv) -> int:
     prompt = None if args.prompt is None else as_text(args.prompt)
     if prompt is not None and not prompt.strip():
         raise UserError("empty prompt: give some text, e.g. python infer.py \"How are you?\"")
-    if prompt is None and not args.serve and sys.stdin is None:  # started with stdin closed (`<&-`): Python sets it to None
-        raise UserError("no prompt and no input (stdin is closed): give a prompt, e.g. python infer.py \"How are you?\"")
     server = serve.open_server(args, prompt)  # None without --serve; bound before the load, so a busy port fails fast
     # A closed stream (`<&-`, `>&-`) is None in Python: replies printed to it vanish with exit code 0, and
     # reading it is an AttributeError. Said before the model loads.
