@@ -31,14 +31,21 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt
-import cli
-from cli import OneLineParser, UserError, check_positive, pick_device, run_script
 from dataset import DailyDialogDataset, collate, encode_history, read_dialogues
-from files import make_writable_dir, sha256, write_json_atomic
-from generation import DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generation_options, max_input_length
-from metrics import compute_metrics, format_table, perplexity
-from models import autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
+from t5dialog import checkpoint as ckpt
+from t5dialog import cli
+from t5dialog.cli import OneLineParser, UserError, check_positive, pick_device, run_script
+from t5dialog.files import make_writable_dir, sha256, write_json_atomic
+from t5dialog.generation import (
+    DEFAULT_DIR,
+    add_generation_args,
+    find_and_load,
+    generate_ids,
+    generation_options,
+    max_input_length,
+)
+from t5dialog.metrics import compute_metrics, format_table, perplexity
+from t5dialog.models import autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
 
 warn = functools.partial(cli.warn, "eval.py")
 

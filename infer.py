@@ -18,14 +18,22 @@ import sys
 
 import torch
 
-import cli
-import serve
-from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import as_text, encode_history
-from generation import (DEFAULT_DIR, add_generation_args, find_and_load, generate_ids, generate_response, generation_options,
-                        max_input_length, stream_response)
-from models import autocast, resolve_precision, set_math_mode
-from piped import BATCH, line_batches
+from t5dialog import cli
+from t5dialog.cli import OneLineParser, UserError, pick_device, run_script
+from t5dialog.generation import (
+    DEFAULT_DIR,
+    add_generation_args,
+    find_and_load,
+    generate_ids,
+    generate_response,
+    generation_options,
+    max_input_length,
+    stream_response,
+)
+from t5dialog.models import autocast, resolve_precision, set_math_mode
+from t5dialog.piped import BATCH, line_batches
+from t5dialog.serve import server as serve
 
 warn = functools.partial(cli.warn, "infer.py")
 

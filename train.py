@@ -24,17 +24,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt
-import datafiles
-import distributed
-import flags
-import models
-import modelcard
-import outdir
-import runlog
-from cli import UserError, run_script
-from dataset import collate, collated_steps, read_dialogues, token_budget_batches
-from files import fault
+from dataset import collate, collated_steps, load_datasets, read_dialogues, token_budget_batches
+from t5dialog import checkpoint as ckpt
+from t5dialog import datafiles, distributed, flags, modelcard, models, outdir, runlog
+from t5dialog.cli import UserError, run_script
+from t5dialog.files import fault
 
 ROOT = Path(__file__).resolve().parent
 SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the state a checkpoint carries
@@ -63,7 +57,7 @@ def run(argv) -> int:
     data_note = pick_data(args, rank, world, log)
     model, tokenizer, saved = load_model(args, typed, resume_from, log)
     log(data_note)
-    train_ds, val_ds = datafiles.load_datasets(args, tokenizer)
+    train_ds, val_ds = load_datasets(args, tokenizer)
     distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
         lock = outdir.take(out, args.resume, lock, log)

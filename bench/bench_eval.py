@@ -26,12 +26,10 @@ import benchlib
 import torch
 
 import eval as evaluation
-import checkpoint
-import generation
 import infer
-import models
-from cli import OneLineParser, UserError, pick_device, run_script
 from dataset import dialogue_pairs, read_dialogues
+from t5dialog import checkpoint, generation, models
+from t5dialog.cli import OneLineParser, UserError, pick_device, run_script
 
 
 def build_parser():

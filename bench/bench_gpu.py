@@ -48,7 +48,7 @@ from pathlib import Path
 import benchlib
 from benchlib import NEVER, UserError
 
-from cli import OneLineParser, run_script
+from t5dialog.cli import OneLineParser, run_script
 
 SCRIPT = str(Path(__file__).resolve())
 T5_SMALL = dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6, dropout_rate=0.1,
@@ -113,8 +113,8 @@ def build_model(train_file: Path, model_dir: Path, vocab_size: int, config: dict
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    import models
     from dataset import SEPARATOR, read_dialogues
+    from t5dialog import models
 
     dialogues, _ = read_dialogues(train_file)
     tokenizer = models.train_tokenizer([SEPARATOR.join(d) for d in dict.fromkeys(tuple(d) for d in dialogues)], vocab_size)
@@ -133,8 +133,8 @@ def prepare(args, w: Path) -> dict:
     train_src, val_src = benchlib.data_files(args.data_dir)
     from transformers.utils import logging as hf_logging
 
-    import flags as train_flags
     from dataset import DailyDialogDataset
+    from t5dialog import flags as train_flags
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -176,9 +176,9 @@ def peak_memory_mib(device) -> float:
 
 def arm_train(w: Path, name: str, s: dict, device) -> dict:
     """train.py itself, through train.main, one epoch; its figures from its own metrics.jsonl."""
-    import models
     import train
     from dataset import DailyDialogDataset, padding_efficiency
+    from t5dialog import models
 
     precision, attention, compiled = TRAIN_ARMS[name]
     out = w / f"{name}-run"
@@ -254,10 +254,9 @@ def arm_generate(w: Path, s: dict, device, source: str) -> dict:
     import torch
 
     import eval as evaluation
-    import generation
     import infer
-    import models
     from dataset import dialogue_pairs, read_dialogues
+    from t5dialog import generation, models
 
     path = benchlib.final_checkpoint(w / f"{source}-run")
     model, tokenizer = generation.load(path, device)

@@ -25,10 +25,9 @@ import benchlib
 import torch
 import torch.nn.functional as F
 
-import fast_dropout
-import models
-from cli import OneLineParser, UserError, run_script
 from dataset import DailyDialogDataset, batch_cost, collate, token_budget_batches
+from t5dialog import fast_dropout, models
+from t5dialog.cli import OneLineParser, UserError, run_script
 
 
 def pack_rows(src, tgt, ids, row_src, row_tgt):

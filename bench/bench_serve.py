@@ -41,7 +41,7 @@ def one_shot(checkpoint, prompt) -> tuple[float, str]:
 def loaded_reply(checkpoint, prompt, runs) -> tuple[float, str]:
     import torch
 
-    from generation import generate_response, load, max_input_length
+    from t5dialog.generation import generate_response, load, max_input_length
 
     model, tokenizer = load(Path(checkpoint), torch.device("cpu"))
     times = []

@@ -47,7 +47,7 @@ from pathlib import Path
 import benchlib
 from benchlib import NEVER, ROOT, UserError
 
-from cli import OneLineParser, run_script
+from t5dialog.cli import OneLineParser, run_script
 
 SCRIPT = str(Path(__file__).resolve())
 ARMS = ("ours", "torchdrop", "hf", "seed", "t5small", "infer")
@@ -66,10 +66,10 @@ def arm_ours(w: Path, extra: list[str], model_dir: Path | None = None, name: str
     """train.py's own loop, through train.main; its figures from its metrics.jsonl, plan and checkpoint."""
     import torch
 
-    import checkpoint as ckpt
-    import models
     import train
     from dataset import padding_efficiency
+    from t5dialog import checkpoint as ckpt
+    from t5dialog import models
 
     out = w / f"{name}-run"
     flags = ["--model", str(model_dir or w / "model"), "--train-file", str(w / "train.txt"), "--val-file",
@@ -184,10 +184,10 @@ def arm_infer(w: Path, prompts: int) -> dict:
     """Median latency: infer.generate_response vs a plain model.generate with the same settings."""
     import torch
 
-    import generation
     import infer
     from dataset import encode_history, read_dialogues
-    from models import GENERATION_DEFAULTS
+    from t5dialog import generation
+    from t5dialog.models import GENERATION_DEFAULTS
 
     cpu = torch.device("cpu")
     model_dir = benchlib.final_checkpoint(w / "ours-run")
@@ -254,7 +254,7 @@ def run_arm_here(args, lr: float, warmup: float) -> int:
 
 def prepare(args, w: Path):
     """Slices of the data and the shared initial weights, in the work folder."""
-    import models
+    from t5dialog import models
 
     train_file, val_file = benchlib.data_files(args.data_dir)
     benchlib.write_slice(train_file, w / "train.txt", args.train_dialogues)
@@ -297,7 +297,7 @@ def build_parser():
 
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
-    import flags
+    from t5dialog import flags
 
     defaults = flags.build_parser().parse_args([])
     lr = args.lr or defaults.lr

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from cli import UserError  # noqa: E402
+from t5dialog.cli import UserError  # noqa: E402
 
 EVAL_MAX_TOKENS = 4096  # fixed token budget of the one validation function every arm is scored with
 NEVER = str(10**9)  # --eval-every/--save-every beyond any run: only the end-of-run validation and save remain
@@ -61,7 +61,7 @@ def window_totals(out: Path) -> dict:
     first window carries the start-up (and torch.compile's compile), so it is
     also given apart.
     """
-    import runlog
+    from t5dialog import runlog
 
     rows = runlog.read_metrics(out / runlog.METRICS)
     windows = [r for r in rows if r.get("seconds") is not None]
@@ -76,8 +76,8 @@ def window_totals(out: Path) -> dict:
 
 def batches_run(train_ds, argv: list[str], steps: int) -> list[list[int]]:
     """The batches a run with these train.py flags took in its first `steps` steps (one process), from its own plan."""
-    import flags
     import train
+    from t5dialog import flags
 
     args = flags.build_parser().parse_args(argv)
     done: list[list[int]] = []
@@ -91,7 +91,7 @@ def batches_run(train_ds, argv: list[str], steps: int) -> list[list[int]]:
 
 
 def final_checkpoint(out: Path) -> Path:
-    import checkpoint
+    from t5dialog import checkpoint
 
     return checkpoint.find(None, output_dir=str(out))
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import corpus  # noqa: E402
-from cli import OneLineParser, run_script  # noqa: E402
+from t5dialog import corpus  # noqa: E402
+from t5dialog.cli import OneLineParser, run_script  # noqa: E402
 
 
 def build_parser():

@@ -35,7 +35,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A folder holding a random-init tiny T5 and a tokenizer trained on sample text."""
-    import models
+    from t5dialog import models
 
     d = tmp_path_factory.mktemp("tiny-t5")
     model, tokenizer = models.build_scratch(SAMPLE / "train.txt", vocab_size=400, seed=0, **TINY_CONFIG)
@@ -76,7 +76,7 @@ STAND_IN_HOST = "http://hub.invalid"  # a name no resolver knows: only fake_prox
 def hub_corpus() -> dict[str, list[str]]:
     """What fake_hub's dataset holds: as many tiny dialogues per split as the real corpus has;
     train's last one also occurs in test (what --dedupe drops)."""
-    import corpus
+    from t5dialog import corpus
 
     made = {split: [f"{split} line {i} . __eou__ Fine , thanks . __eou__ " for i in range(n)]
             for split, n in corpus.EXPECTED_COUNTS.items()}
@@ -91,7 +91,7 @@ def assert_corpus_written(out, commit):
     """out holds hub_corpus() as download.py writes it, complete, from that commit."""
     import json
 
-    import corpus
+    from t5dialog import corpus
 
     for split in corpus.SPLITS:
         assert (out / f"{split}.txt").read_text(encoding="utf-8").splitlines() == hub_corpus()[split]
@@ -113,7 +113,7 @@ def hub_repos(tiny_model, tmp_path_factory):
     real hub) and roskoN/dailydialog's train/validation/test zips holding hub_corpus()."""
     from hub_server import Repo, make_zip
 
-    import corpus
+    from t5dialog import corpus
 
     d = tmp_path_factory.mktemp("hub-zips")
     zips = {f"{s}.zip": make_zip(d / f"{s}.zip", s, hub_corpus()[s]).read_bytes() for s in corpus.SPLITS}

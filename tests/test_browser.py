@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import serve
-from generation import generate_response, load
-from models import GENERATION_DEFAULTS
+from t5dialog.generation import generate_response, load
+from t5dialog.models import GENERATION_DEFAULTS
+from t5dialog.serve import server as serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

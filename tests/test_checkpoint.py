@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-import checkpoint as ckpt
+from t5dialog import checkpoint as ckpt
 
 
 def strict_json(path):

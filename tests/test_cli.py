@@ -1,13 +1,12 @@
 """The one edge every script ends through (cli.run_script): what the user can act on is one line and an exit code."""
 
+import argparse
 import errno
 
 import pytest
 import torch
 
-import argparse
-
-from cli import UserError, check_positive, finite_float, float_flag, run_script
+from t5dialog.cli import UserError, check_positive, finite_float, float_flag, run_script
 
 
 def ends_with(capsys, run, **kwargs):

@@ -19,10 +19,9 @@ import torch
 from conftest import assert_user_error, run_cli
 from safetensors.torch import load_file
 
-import checkpoint as ckpt
-import files
-import runlog
 import train
+from t5dialog import checkpoint as ckpt
+from t5dialog import files, runlog
 
 pytestmark = pytest.mark.slow  # every test here starts train.py (or torchrun) as a process
 

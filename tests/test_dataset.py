@@ -12,8 +12,20 @@ import torch
 from conftest import SAMPLE, SHARED
 from transformers import AutoTokenizer
 
-from dataset import (EOU, DailyDialogDataset, DataError, assemble_input, batch_cost, collate, dialogue_pairs,
-                     encode_history, padding_efficiency, read_dialogues, split_lines, token_budget_batches)
+from dataset import (
+    EOU,
+    DailyDialogDataset,
+    DataError,
+    assemble_input,
+    batch_cost,
+    collate,
+    dialogue_pairs,
+    encode_history,
+    padding_efficiency,
+    read_dialogues,
+    split_lines,
+    token_budget_batches,
+)
 
 REAL_FILES = [SAMPLE / "train.txt", SAMPLE / "validation.txt", SHARED / "train.txt", SHARED / "validation.txt"]
 

@@ -19,9 +19,8 @@ import torch
 from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error
 from safetensors.torch import load_file
 
-import checkpoint as ckpt
-import outdir
-import models
+from t5dialog import checkpoint as ckpt
+from t5dialog import models, outdir
 
 pytestmark = pytest.mark.slow  # every test here starts train.py (or torchrun) as a process
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import hub_server
 import pytest
 import torch
-from tqdm import tqdm
 from conftest import DATASET_PATH, SAMPLE, TINY_CONFIG, assert_corpus_written, assert_user_error, hub_corpus, run_cli
+from tqdm import tqdm
 
-import corpus as dl
+from t5dialog import corpus as dl
 
 pytestmark = pytest.mark.usefixtures("hermetic")  # none of the user's hub, offline or proxy variables
 
@@ -375,8 +375,8 @@ def spiece_model_dir(tmp_path_factory):
 def test_a_raw_spiece_model_loads_tokenizes_and_round_trips(spiece_model_dir):
     import sentencepiece as spm
 
-    import models
     from dataset import read_dialogues
+    from t5dialog import models
 
     assert {p.name for p in spiece_model_dir.iterdir()} == {"spiece.model", "config.json", "generation_config.json",
                                                               "model.safetensors"}

@@ -14,12 +14,12 @@ import torch
 from conftest import ROOT, SAMPLE, assert_user_error, run_cli
 from test_train import train_args
 
-import checkpoint as ckpt
 import eval as evaluation
-import generation
 import infer
 from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
-from metrics import perplexity
+from t5dialog import checkpoint as ckpt
+from t5dialog import generation
+from t5dialog.metrics import perplexity
 
 CPU = torch.device("cpu")
 SAMPLE_KEYS = {"context", "reference", "response"}

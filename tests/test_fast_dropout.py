@@ -3,9 +3,8 @@
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-import fast_dropout
-import models
 from dataset import DailyDialogDataset, collate
+from t5dialog import fast_dropout, models
 
 CPU = torch.device("cpu")
 

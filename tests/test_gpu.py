@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_FLAGS, run_cli
 from safetensors.torch import load_file
 
-import checkpoint as ckpt
-import models
+from t5dialog import checkpoint as ckpt
+from t5dialog import models
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -13,12 +13,11 @@ import sys
 import time
 
 import pytest
-from conftest import (DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, damage_cached,
-                      run_cli)
+from conftest import DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, damage_cached, run_cli
 from hub_server import FakeHub, Repo, SilentHub
 
-import corpus as dl
-import hub
+from t5dialog import corpus as dl
+from t5dialog import hub
 
 pytestmark = pytest.mark.usefixtures("hermetic")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_cli
 
-import checkpoint as ckpt
-import generation
 import infer
-from cli import UserError
+from t5dialog import checkpoint as ckpt
+from t5dialog import generation
+from t5dialog.cli import UserError
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import metrics as m  # noqa: E402
+from t5dialog import metrics as m  # noqa: E402
 
 M7 = SmoothingFunction().method7
 

@@ -8,14 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAMPLE
 from huggingface_hub import ModelCard
 
-import checkpoint as ckpt
-import corpus
 import dataset
-import generation
-import modelcard
-from conftest import SAMPLE
+from t5dialog import checkpoint as ckpt
+from t5dialog import corpus, generation, modelcard
 
 
 def strict_json(path):

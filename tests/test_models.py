@@ -16,8 +16,8 @@ from hub_server import FakeHub, Repo
 
 import eval as eval_script
 import infer
-import models
 import train
+from t5dialog import models
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 

@@ -10,8 +10,8 @@ import torch
 from conftest import ROOT, run_cli
 
 import infer
-from generation import load
-from piped import line_batches
+from t5dialog.generation import load
+from t5dialog.piped import line_batches
 
 CPU = torch.device("cpu")
 LINES = [f"{w} , how are you {i} ?" if i % 7 else "What time is it ?" for i, w in

@@ -4,10 +4,9 @@ import pytest
 import torch
 from conftest import assert_user_error, run_cli
 
-import generation
 import infer
-import models
-from cli import UserError
+from t5dialog import generation, models
+from t5dialog.cli import UserError
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "meta", "mps:0"])

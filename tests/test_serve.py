@@ -16,10 +16,10 @@ import torch
 from conftest import ROOT
 
 import infer
-import serve
 from dataset import encode_history
-from generation import generate_response, load
-from models import GENERATION_DEFAULTS
+from t5dialog.generation import generate_response, load
+from t5dialog.models import GENERATION_DEFAULTS
+from t5dialog.serve import server as serve
 
 CPU = torch.device("cpu")
 MAX_LENGTH = 64

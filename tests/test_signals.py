@@ -20,7 +20,7 @@ import termios
 import pytest
 from conftest import ROOT, TINY_FLAGS, run_cli
 
-import checkpoint as ckpt
+from t5dialog import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # every test here starts train.py as a process
 

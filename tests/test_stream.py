@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-import generation
 import infer
-from generation import generate_response, load, stream_response
+from t5dialog import generation
+from t5dialog.generation import generate_response, load, stream_response
 
 CPU = torch.device("cpu")
 

@@ -13,11 +13,10 @@ from conftest import TINY_FLAGS, assert_user_error, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-import checkpoint as ckpt
-import flags
-import models
 import train
 from dataset import DailyDialogDataset, collate
+from t5dialog import checkpoint as ckpt
+from t5dialog import flags, models
 
 
 def train_args(model, data, out, *extra):

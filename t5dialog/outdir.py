@@ -15,9 +15,9 @@ import os
 import socket
 from pathlib import Path
 
-from checkpoint import INDEX, list_checkpoints, looks_like_checkpoint, newest_valid, remove_leftovers
-from cli import UserError
-from files import make_writable_dir
+from t5dialog.checkpoint import INDEX, list_checkpoints, looks_like_checkpoint, newest_valid, remove_leftovers
+from t5dialog.cli import UserError
+from t5dialog.files import make_writable_dir
 
 LOCK = "train.lock"
 

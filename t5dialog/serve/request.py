@@ -11,9 +11,9 @@ import argparse
 import json
 import re
 
-from cli import UserError
-from files import first_line
-from generation import generation_options
+from t5dialog.cli import UserError
+from t5dialog.files import first_line
+from t5dialog.generation import generation_options
 
 MAX_NEW_TOKENS, MAX_BEAMS = 1024, 8  # per request (or the server's own defaults, if higher): one request cannot hog the model
 OPTION_TYPES = {"max_new_tokens": int, "num_beams": int, "do_sample": bool, "top_p": float, "top_k": int,

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import fast_dropout
-import hub
-from cli import UserError
-from files import first_line
-from dataset import SEPARATOR, read_dialogues
+from t5dialog import fast_dropout, hub
+from t5dialog.cli import UserError
+from t5dialog.dialogues import SEPARATOR, read_dialogues
+from t5dialog.files import first_line
 
 DEFAULT_MODEL = "t5-small"
 MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special tokens and the alphabet's pieces

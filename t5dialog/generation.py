@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoint as ckpt
-import models
-from cli import UserError, finite_float
-from dataset import encode_history
-from models import GENERATION_DEFAULTS
+from t5dialog import checkpoint as ckpt
+from t5dialog import models
+from t5dialog.cli import UserError, finite_float
+from t5dialog.dialogues import encode_history
+from t5dialog.models import GENERATION_DEFAULTS
 
 DEFAULT_DIR = "checkpoints"
 # The model's scores are divided by --temperature (and by --repetition-penalty): far below this they overflow

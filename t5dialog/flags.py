@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import datafiles
-import models
-from cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive, finite_float, float_flag
+from t5dialog import datafiles, models
+from t5dialog.cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive, finite_float, float_flag
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description="Fine-tune T5 on DailyDialog with a plain PyTorch loop.")

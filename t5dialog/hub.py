@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 
-from cli import UserError
+from t5dialog.cli import UserError
 
 ANSWERED, OFFLINE, UNREACHABLE, NO_ANSWER, ERROR = "answered", "offline", "unreachable", "no answer", "error"
 

@@ -1,4 +1,4 @@
-"""Which DailyDialog files a training run uses, and the datasets made from them.
+"""Which DailyDialog files a training run uses.
 
 No --train-file: the full corpus in data/dailydialog (downloaded first when
 the hub can be reached), else the project's demo sample, with a note saying
@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import UserError
-from corpus import DEFAULT_OUT, available, download
-from hub import HubUnreachable
-from dataset import DailyDialogDataset, DataError, holdout, read_dialogues
+from t5dialog.cli import UserError
+from t5dialog.corpus import DEFAULT_OUT, available, download
+from t5dialog.hub import HubUnreachable
 
-
-SAMPLE_DATA = Path(__file__).resolve().parent / "data" / "sample"  # the project's own small demo dialogues
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"  # the project's own small demo dialogues
 
 
 def absolute(path):
@@ -51,7 +49,7 @@ def choose_data(train_file, val_file, no_download: bool, may_download: bool, log
     No --train-file: the corpus in data/dailydialog, downloaded first when the
     hub answers (unless --no-download), else the demo sample. A training file
     with no validation.txt beside it gets no validation file: the run then holds
-    out --val-share of its dialogues (`load_datasets`). Paths come back absolute.
+    out --val-share of its dialogues (`dataset.load_datasets`). Paths come back absolute.
     """
     why_sample = None
     if train_file is None:
@@ -73,17 +71,3 @@ def choose_data(train_file, val_file, no_download: bool, may_download: bool, log
         raise UserError(f"--val-file is the training file ({train_file}): validation would measure memorisation; "
                         "pass another --val-file, or none to hold out --val-share of the dialogues")
     return DataChoice(train_file, val_file, why_sample)
-
-
-def load_datasets(args, tokenizer):
-    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
-    lengths = (args.max_length, args.max_target_length)
-    if args.val_file:
-        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    dialogues = len(read_dialogues(args.train_file)[0])
-    if dialogues < 2:
-        raise DataError(f"{args.train_file}: one dialogue cannot be split into training and validation; "
-                        "pass --val-file or use more dialogues")
-    train_ids, val_ids = holdout(dialogues, args.val_share, args.seed)
-    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
-            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))

@@ -32,17 +32,17 @@ from urllib.parse import urlsplit
 
 import torch
 
-from cli import UserError
-from files import first_line
-from generation import generate_response, stop_when, stream_response
-from models import autocast
-from serve_request import BadRequest, limits, parse_body
+from t5dialog.cli import UserError
+from t5dialog.files import first_line
+from t5dialog.generation import generate_response, stop_when, stream_response
+from t5dialog.models import autocast
+from t5dialog.serve.request import BadRequest, limits, parse_body
 
 HOST, PORT, QUEUE = "127.0.0.1", 8000, 8
 MAX_BODY = 64 * 1024  # bytes; a long conversation is a few KiB, and the model reads only max_length tokens of it
 DRAIN_LIMIT = 1 << 20  # an oversized body up to this size is read and dropped, so the client sees the 413, not a reset
 ROUTES = {"/": ("GET", "HEAD"), "/api/reply": ("POST",)}
-PAGE = Path(__file__).with_name("serve_page.html")
+PAGE = Path(__file__).with_name("page.html")
 
 # ---------------------------------------------------------------- flags and socket
 

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from files import describe_os_error
+from t5dialog.files import describe_os_error
 
 
 class UserError(Exception):

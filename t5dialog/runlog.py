@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from files import strict, write_atomic
+from t5dialog.files import strict, write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -78,7 +78,7 @@ def plot_losses(out: Path):
 
 def banner(r, model):
     """What a run says before its first step: device, model, data, length, and two examples (train.Run ``r``)."""
-    from models import precision_note
+    from t5dialog.models import precision_note
 
     args, world, log, steps = r.args, r.world, r.log, r.total_steps
     params = sum(p.numel() for p in model.parameters())

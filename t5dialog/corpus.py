@@ -44,11 +44,11 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import hub
-from hub import HubUnreachable
-from cli import UserError
-from files import describe_os_error, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
-from dataset import EOU, DataError, split_lines
+from t5dialog import hub
+from t5dialog.cli import UserError
+from t5dialog.dialogues import EOU, DataError, split_lines
+from t5dialog.files import describe_os_error, is_disk_full, read_json, remove_stale_parts, sha256, write_atomic
+from t5dialog.hub import HubUnreachable
 
 REPO_ID = "roskoN/dailydialog"
 # Should be pinned to a commit sha of roskoN/dailydialog once verified: every
@@ -58,7 +58,7 @@ SPLITS = ("train", "validation", "test")
 EXPECTED_COUNTS = {"train": 11_118, "validation": 1_000, "test": 1_000}
 LICENSE = ("DailyDialog (Li et al., IJCNLP 2017) is licensed CC BY-NC-SA 4.0: "
            "non-commercial use, attribution, share-alike.")
-DEFAULT_OUT = Path(__file__).resolve().parent / "data" / "dailydialog"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "dailydialog"
 MANIFEST = "download_info.json"
 ACT_LABELS = {"1", "2", "3", "4"}
 EMOTION_LABELS = {"0", "1", "2", "3", "4", "5", "6"}
@@ -173,8 +173,7 @@ DOWNLOAD_SCRIPT = "python data/download.py"  # named in fixes, so they work from
 
 def _download_one(split: str, revision: str, force: bool, offline: bool, log=print) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     where, name = f"{REPO_ID}@{revision}", f"{split}.zip"
     try:

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import yaml
 
-import corpus
-import datafiles
-import models
-from checkpoint import RUN_CONFIG, checkpoint_name
-from dataset import SEPARATOR
-from files import read_json
+from t5dialog import corpus, datafiles, models
+from t5dialog.checkpoint import RUN_CONFIG, checkpoint_name
+from t5dialog.dialogues import SEPARATOR
+from t5dialog.files import read_json
 
 CARD = "README.md"
 GENERATION_CONFIG = "generation_config.json"

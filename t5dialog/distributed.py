@@ -15,8 +15,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from cli import UserError, pick_device
-from files import first_line
+from t5dialog.cli import UserError, pick_device
+from t5dialog.files import first_line
 
 
 def is_main_process() -> bool:
