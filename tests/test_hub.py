@@ -76,7 +76,7 @@ def test_the_probe_is_an_http_request_the_proxy_relays_and_a_tunnel_for_https(fa
 def test_hub_reachable_honours_hf_hub_offline_and_hf_endpoint(fake_hub, tmp_path, offline, expected):
     # Both are read by huggingface_hub when it is imported: a fresh interpreter sees them as a user's would.
     env = {**fake_hub.env(tmp_path / "hf"), "HF_HUB_OFFLINE": offline}
-    result = run_cli("-c", "import hub; print(hub.hub_reachable(), hub.endpoint())", env=env)
+    result = run_cli("-c", "from t5dialog import hub; print(hub.hub_reachable(), hub.endpoint())", env=env)
     assert result.stdout.split() == [expected, fake_hub.url], result.stderr[-2000:]
 
 
@@ -228,7 +228,7 @@ def test_cli_downloads_through_a_proxy(fake_hub, fake_proxy, tmp_path):
 
 @pytest.mark.slow
 def test_load_pretrained_gets_t5_small_from_the_hub_then_its_cache(fake_hub, tiny_model, tmp_path):
-    code = ("import models; m, t = models.load_pretrained('t5-small'); "
+    code = ("from t5dialog import models; m, t = models.load_pretrained('t5-small'); "
             "print(sum(p.numel() for p in m.parameters()), t('Hi there .').input_ids)")
     env = hub_env(fake_hub, tmp_path)
     result = run_cli("-c", code, env=env)

@@ -1,4 +1,4 @@
-"""serve.py as clients use it: the real server, on a free 127.0.0.1 port, answering with the tests' tiny T5."""
+"""The server (t5dialog.serve) as clients use it: the real server, on a free 127.0.0.1 port, answering with the tests' tiny T5."""
 
 import http.client
 import json
