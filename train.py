@@ -355,7 +355,7 @@ def validate(state: dict, r: Run, bar):
     record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
     if r.rank == 0:
         bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
-        runlog.plot_losses(r.out)  # the curves so far, for whoever watches the run
+        runlog.plot_losses(r.out, at_most_every=runlog.PLOT_EVERY_S)  # the curves so far, for whoever watches
 
 
 def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):

@@ -5,14 +5,11 @@ dialogues and the model is a randomly initialised T5 a few thousand
 parameters big, so every test runs offline on a CPU in seconds.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launcher import ROOT, run_cli, run_fresh, script_env  # noqa: F401  (the tests import them from here)
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 SHARED = ROOT.parent / "shared" / "dailydialog"
 
@@ -42,15 +39,6 @@ def tiny_model(tmp_path_factory) -> Path:
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
-
-
-def run_cli(*args, env=None, input=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
-    """Run a project script as a user would: `python script.py args` in the project root."""
-    # One thread: tiny models gain nothing from more, and on a busy 2-core
-    # machine spinning OpenMP threads slow every step down a hundredfold.
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, input=input,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def assert_user_error(result, *words):
