@@ -17,11 +17,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("hermetic")]  # hermetic
 
 @pytest.fixture
 def clone(tmp_path):
-    """The project as a fresh clone has it: scripts, modules and data/ (sample and download.py)."""
+    """The project as a fresh clone has it: scripts, the t5dialog package and data/ (sample and download.py)."""
     d = tmp_path / "clone"
     d.mkdir()
     for path in ROOT.glob("*.py"):
         shutil.copy(path, d)
+    shutil.copytree(ROOT / "t5dialog", d / "t5dialog", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "data", d / "data", ignore=shutil.ignore_patterns("dailydialog", "__pycache__"))
     return d
 
