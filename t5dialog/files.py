@@ -22,12 +22,9 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def sha256(path) -> str:
-    """Streamed, so a model of gigabytes is never read into memory at once."""
-    h = hashlib.sha256()
+    """Streamed by hashlib, so a model of gigabytes is never read into memory at once."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync_path(path):
