@@ -28,7 +28,7 @@ from dataset import collate, collated_steps, load_datasets, read_dialogues, toke
 from t5dialog import checkpoint as ckpt
 from t5dialog import datafiles, distributed, flags, modelcard, models, outdir, runlog
 from t5dialog.cli import UserError, run_script
-from t5dialog.files import fault
+from t5dialog.faults import fault
 
 ROOT = Path(__file__).resolve().parent
 SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the state a checkpoint carries

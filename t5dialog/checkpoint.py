@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from t5dialog.cli import UserError
-from t5dialog.files import describe_os_error, fault, fsync_path, read_json, sha256, to_json, write_json_atomic
+from t5dialog.faults import fault
+from t5dialog.files import describe_os_error, fsync_path, read_json, sha256, to_json, write_json_atomic
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"

@@ -14,20 +14,18 @@ import hashlib
 import json
 import math
 import os
-import signal
 import tempfile
 from pathlib import Path
+
+from t5dialog.faults import fault
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def sha256(path) -> str:
-    """Streamed, so a model of gigabytes is never read into memory at once."""
-    h = hashlib.sha256()
+    """Streamed by hashlib, so a model of gigabytes is never read into memory at once."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync_path(path):
@@ -129,24 +127,3 @@ def describe_os_error(e: BaseException, path=None) -> str:
 def first_line(e: BaseException, limit: int = 200) -> str:
     """An exception in a few words: its message's first line, or its type when it has none."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
-
-
-def fault(stage: str, at):
-    """Test hook: FAULT="[action:]stage@at,..." acts when ``stage`` is reached at ``at`` (a step, a file name).
-
-    action: kill (SIGKILL, the default), term (SIGTERM), int (SIGINT), hup
-    (SIGHUP), quit (SIGQUIT), usr1/usr2, stop (SIGSTOP: the process freezes there, holding what
-    it holds, until killed or continued) or enospc (a write that fails as on a
-    full disk). Stages: mid_step, mid_save, before_commit, before_prune (at a
-    step) and write (at a file name). Unset, this does nothing.
-    """
-    for item in filter(None, os.environ.get("FAULT", "").split(",")):
-        where, _, when = item.partition("@")
-        action, _, where = where.rpartition(":")
-        if where == stage and when == str(at):
-            if action == "enospc":
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            signals = {"": signal.SIGKILL, "kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT,
-                       "hup": signal.SIGHUP, "quit": signal.SIGQUIT, "usr1": signal.SIGUSR1, "usr2": signal.SIGUSR2,
-                       "stop": signal.SIGSTOP}
-            os.kill(os.getpid(), signals[action])

@@ -1,8 +1,8 @@
 """Is the Hugging Face hub there, and what went wrong when it was not? Shared by every script.
 
 `probe` asks the hub one real HTTP question (``HEAD`` of the endpoint) with
-a short timeout, through the same HTTP client and therefore the same proxy
-rules as huggingface_hub (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``;
+a short timeout, through huggingface_hub's own HTTP module (``huggingface_hub.utils.httpx``)
+and therefore the same proxy rules (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``;
 behind a proxy it is the proxy that must answer), at ``HF_ENDPOINT``, and
 not at all with ``HF_HUB_OFFLINE=1``. The answer is one of:
 
@@ -15,9 +15,11 @@ not at all with ``HF_HUB_OFFLINE=1``. The answer is one of:
 - NO_ANSWER: connected, then nothing within the timeout (a hung hub or
   proxy), or the connection dropped: an error, never "offline".
 
-`failure` sorts an exception out of huggingface_hub the same way, and
-`bound_waits` keeps its waits in tens of seconds: its defaults retry a hung
-request for minutes before saying anything.
+`pin_revision` is how a model load asks instead: its first question is the
+one the load needs anyway (which commit the model's revision is), and its
+failure is sorted the same way. `classify` and `failure` sort an exception
+out of huggingface_hub, and `bound_waits` keeps its waits for a download in
+seconds rather than minutes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import threading
 
 from t5dialog.cli import UserError
+from t5dialog.files import first_line
 
 ANSWERED, OFFLINE, UNREACHABLE, NO_ANSWER, ERROR = "answered", "offline", "unreachable", "no answer", "error"
 
@@ -71,45 +74,43 @@ def probe_timeout() -> float:
 
 
 def bound_waits() -> None:
-    """Cap huggingface_hub's waits, unless the user set them (HF_HUB_DOWNLOAD_TIMEOUT, HF_HUB_ETAG_TIMEOUT).
+    """A download that stops sending gives up after DOWNLOAD_TIMEOUT_S, unless the user exported HF_HUB_DOWNLOAD_TIMEOUT.
 
-    Without this a file whose metadata request hangs is retried five times
-    with a 60 s timeout each (file_download._ETAG_RETRY_TIMEOUT): over six
-    minutes of silence. The retries keep the metadata timeout instead.
+    huggingface_hub reads that variable into ``constants.HF_HUB_DOWNLOAD_TIMEOUT``
+    when it is imported and looks the constant up on every download, so it
+    is set there (its default, 10 s, times its 6 attempts, is a minute of
+    silence). HF_HUB_ETAG_TIMEOUT (its metadata requests) is the user's.
+    A metadata request that fails with nothing cached is retried with a
+    timeout of the library's own that no setting reaches: a hung hub is
+    caught by `probe` or `pin_revision` before a download starts.
     """
-    from huggingface_hub import constants, file_download
+    from huggingface_hub import constants
 
     if not os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT"):
         constants.HF_HUB_DOWNLOAD_TIMEOUT = DOWNLOAD_TIMEOUT_S
-    if hasattr(file_download, "_ETAG_RETRY_TIMEOUT"):  # a private name: set it only where it exists
-        file_download._ETAG_RETRY_TIMEOUT = constants.HF_HUB_ETAG_TIMEOUT
 
 
-def _sort(e: BaseException, timeout: float | None = None) -> tuple[str, str] | None:
+def classify(e: BaseException, timeout: float | None = None) -> tuple[str, str] | None:
     """(state, words) for one exception of the HTTP stack, or None if it is none of its."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import httpx  # huggingface_hub's HTTP module, by this name in 1.x and 2.x
 
     if isinstance(e, OfflineModeIsEnabled):
         return OFFLINE, "HF_HUB_OFFLINE=1"
     if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
         return ERROR, f"the hub answered {e.response.status_code} {e.response.reason_phrase}".rstrip()
     # A connection attempt that times out is a dropped one (a firewall), so it counts as unreachable.
-    if isinstance(e, httpx2.ConnectTimeout):
+    if isinstance(e, httpx.ConnectTimeout):
         return UNREACHABLE, "the connection attempt timed out"
-    if isinstance(e, httpx2.ConnectError | httpx2.ProxyError):
-        return UNREACHABLE, _words(e)
-    if isinstance(e, httpx2.TimeoutException):
+    if isinstance(e, httpx.ConnectError | httpx.ProxyError):
+        return UNREACHABLE, first_line(e)
+    if isinstance(e, httpx.TimeoutException):
         with contextlib.suppress(RuntimeError, KeyError, TypeError):  # the request (and its timeouts) when attached
             timeout = timeout or e.request.extensions["timeout"]["read"]
         return NO_ANSWER, f"timed out (nothing received for {timeout:g} s)" if timeout else "timed out"
-    if isinstance(e, httpx2.TransportError):
-        return NO_ANSWER, f"the connection broke ({_words(e)})"
+    if isinstance(e, httpx.TransportError):
+        return NO_ANSWER, f"the connection broke ({first_line(e)})"
     return None
-
-
-def _words(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def failure(e: BaseException) -> tuple[str, str]:
@@ -123,11 +124,11 @@ def failure(e: BaseException) -> tuple[str, str]:
     chain: BaseException | None = e
     while chain is not None and id(chain) not in seen:
         seen.add(id(chain))
-        found = _sort(chain)
+        found = classify(chain)
         if found:
             return found
         chain = chain.__cause__ or chain.__context__
-    return ERROR, _words(e)
+    return ERROR, first_line(e)
 
 
 def download_error(e: BaseException, name: str, where: str) -> UserError:
@@ -148,47 +149,88 @@ def download_error(e: BaseException, name: str, where: str) -> UserError:
     return UserError(f"could not download {name} from {where} ({words}); re-run later")
 
 
+def within(seconds: float, call) -> tuple[object, BaseException | None] | None:
+    """(what ``call()`` returned, None) or (None, what it raised); None if it has not returned within ``seconds``.
+
+    In a thread, because some waits have no timeout of their own: resolving a
+    host name, and huggingface_hub's API calls (its ``timeout=None``). A call
+    still hanging is left to its daemon thread.
+    """
+    outcome: list[tuple[object, BaseException | None]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((call(), None))
+        except Exception as e:  # handed to the caller, never raised in the thread
+            outcome.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else None
+
+
 def probe(url: str | None = None, timeout: float | None = None) -> tuple[str, str]:
     """(ANSWERED | OFFLINE | UNREACHABLE | NO_ANSWER, words): one HEAD request to the hub, bounded in time.
 
     Also caps huggingface_hub's own waits (`bound_waits`): every script
-    probes before it downloads. Runs in a thread because name resolution
-    has no timeout of its own.
+    probes or pins a revision before it downloads.
     """
-    import httpx2
+    from huggingface_hub.utils import httpx
 
     bound_waits()
     if offline():
         return OFFLINE, "HF_HUB_OFFLINE=1"
     timeout = probe_timeout() if timeout is None else timeout
     target = url or endpoint()
-    outcome: list[tuple[str, str]] = []
 
     def ask() -> None:
-        try:
-            # trust_env (the default): the same proxy variables huggingface_hub's client obeys.
-            with httpx2.Client(timeout=timeout, follow_redirects=False) as client:
-                client.head(target)
-            outcome.append((ANSWERED, "answered"))
-        except (httpx2.InvalidURL, httpx2.UnsupportedProtocol) as e:
-            outcome.append((ERROR, f"{target!r} is not an http(s) URL ({_words(e)})"))
-        except Exception as e:  # reported, never raised from a thread
-            outcome.append(_sort(e, timeout) or (NO_ANSWER, _words(e)))
+        # trust_env (the default): the same proxy variables huggingface_hub's client obeys, read now.
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            client.head(target)
 
-    thread = threading.Thread(target=ask, daemon=True)
-    thread.start()
-    thread.join(2 * timeout + 1)  # connecting and reading each get `timeout`; more means resolving the name hangs
-    if not outcome:
-        return UNREACHABLE, f"no connection within {2 * timeout + 1:g} s (the host name does not resolve in time)"
-    state, words = outcome[0]
-    if state == ERROR:
-        raise UserError(f"HF_ENDPOINT: {words}; set it to the hub's address, e.g. https://huggingface.co")
-    return state, words
+    wait = 2 * timeout + 1  # connecting and reading each get `timeout`; more means resolving the name hangs
+    outcome = within(wait, ask)
+    if outcome is None:
+        return UNREACHABLE, f"no connection within {wait:g} s (the host name does not resolve in time)"
+    _, e = outcome
+    if e is None:
+        return ANSWERED, "answered"
+    if isinstance(e, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        raise UserError(f"HF_ENDPOINT: {target!r} is not an http(s) URL ({first_line(e)}); "
+                        f"set it to the hub's address, e.g. https://huggingface.co")
+    return classify(e, timeout) or (NO_ANSWER, first_line(e))
 
 
 def hub_reachable(url: str | None = None, timeout: float | None = None) -> bool:
     """Does the hub (or the proxy in front of it) answer an HTTP request? False offline."""
     return probe(url, timeout)[0] == ANSWERED
+
+
+def pin_revision(repo_id: str, log=print):
+    """(revision, cache_only) for loading the model ``repo_id``: the question a load asks the hub first, asked once.
+
+    huggingface_hub's ``resolve_revision`` says which commit the model's main
+    branch is (or, unreachable, the one its cache recorded); passed on as
+    ``revision`` it pins every later file of the load to that commit and
+    spares each its own question. No answer within the probe's time, no
+    connection, or HF_HUB_OFFLINE=1: (None, True), the load uses the cache.
+    Any other failure (a bad name, a missing repo, a server error): (None,
+    False), the load meets it again and reports it in the library's words.
+    """
+    from huggingface_hub import resolve_revision
+
+    bound_waits()
+    if offline():
+        return None, True
+    with warnings_to(log):  # "Could not reach the Hub ... Using cached commit hash": a note, not an error
+        outcome = within(2 * probe_timeout() + 1, lambda: resolve_revision(repo_id))
+    if outcome is None:
+        return None, True
+    revision, e = outcome
+    if e is None:
+        return revision, False
+    return None, failure(e)[0] in (UNREACHABLE, NO_ANSWER, OFFLINE)
 
 
 @contextlib.contextmanager

@@ -131,23 +131,36 @@ def load_pretrained(name: str, who: str | None = None):
 
     ``who``: how errors name the model (e.g. "--model NAME"); ModelProblem for one that cannot work.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     who = who or name
-    local = Path(name).is_dir()
-    offline = not local and not hub.hub_reachable()
-    if local:
+    if Path(name).is_dir():
         tokenizer = check_folder(Path(name), who)
-    else:  # the hub: config and tokenizer files first, the weights only for a model that can work
-        check_seq2seq(name, who, local_files_only=offline)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-        check_tokenizer(tokenizer, who)
+        return load_weights(name, who), tokenizer
+    revision, cache_only = hub.pin_revision(name)  # the load's own first question to the hub; no answer: the cache
+    if revision is not None and not cache_only:
+        # A commit never changes, so what the cache holds of it needs no question per file (nor its retries).
+        with contextlib.suppress(OSError, ModelProblem):  # not all of it is cached: the hub, below
+            return load_from_hub(name, who, revision=revision, local_files_only=True)
+    return load_from_hub(name, who, revision=revision, local_files_only=cache_only)
+
+
+def load_from_hub(name: str, who: str, **source):
+    """Config and tokenizer files first, the weights only for a model that can work; ``source``: where from."""
+    from transformers import AutoTokenizer
+
+    check_seq2seq(name, who, **source)
+    tokenizer = AutoTokenizer.from_pretrained(name, **source)
+    check_tokenizer(tokenizer, who)
+    return load_weights(name, who, **source), tokenizer
+
+
+def load_weights(name: str, who: str, **source):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSeq2SeqLM
+
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, local_files_only=offline)
+        return AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, **source)
     except SafetensorError as e:
         raise damaged_weights(who, "model.safetensors", e) from None
-    return model, tokenizer
 
 
 def load_checkpoint(path: Path):

@@ -143,7 +143,7 @@ def hermetic(monkeypatch, tmp_path):
     """None of the user's hub variables (HUB_VARIABLES): each test sets exactly what it needs, and its
     subprocesses inherit the same. huggingface_hub reads some of them once, at import, into `constants`:
     those are reset too, and whatever the product changes there (hub.bound_waits) is undone afterwards."""
-    from huggingface_hub import constants, file_download
+    from huggingface_hub import constants
 
     for name in HUB_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -155,5 +155,4 @@ def hermetic(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", constants.DEFAULT_ETAG_TIMEOUT)
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", constants.DEFAULT_DOWNLOAD_TIMEOUT)
-    monkeypatch.setattr(file_download, "_ETAG_RETRY_TIMEOUT", file_download._ETAG_RETRY_TIMEOUT)
     return monkeypatch

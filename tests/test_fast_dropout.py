@@ -2,6 +2,9 @@
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.models.bart import modeling_bart
+from transformers.models.t5 import modeling_t5
+from transformers.models.t5.modeling_t5 import T5Attention
 
 from dataset import DailyDialogDataset, collate
 from t5dialog import fast_dropout, models
@@ -101,3 +104,48 @@ def test_install_leaves_gpu_models_alone_and_checkpoints_load_without_it(tiny_mo
     again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
     assert again.config._attn_implementation != fast_dropout.ATTENTION
     assert not any(type(m) is fast_dropout.FastDropout for m in again.modules())
+
+
+class OwnForwardAttention(T5Attention):
+    """T5's attention with a forward of its own, as a transformers without the attention registry has it: it
+    never looks its function up there, so fast_dropout's attention cannot take its place."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_the_installed_transformers_has_what_the_attention_relies_on(tiny_model):
+    assert fast_dropout.missing_internals(AutoModelForSeq2SeqLM.from_pretrained(tiny_model)) is None
+    assert fast_dropout.computes_like(modeling_t5.eager_attention_forward)
+    assert not fast_dropout.computes_like(modeling_bart.eager_attention_forward)  # no position bias: other numbers
+
+
+def test_without_those_internals_the_attention_keeps_torchs_dropout_once_noted_and_training_works(
+        tiny_model, data_dir, capsys):
+    def model_without_registry_lookup():
+        model = AutoModelForSeq2SeqLM.from_pretrained(tiny_model).train()
+        model.set_attn_implementation("eager")  # as models.prepare_for_training sets it before installing
+        for attention in fast_dropout.t5_attentions(model):
+            attention.__class__ = OwnForwardAttention
+        return model
+
+    fast_dropout.note_fallback.cache_clear()  # the note is once per process; this test wants to see it
+    model = model_without_registry_lookup()
+    assert "does not look its attention up" in fast_dropout.missing_internals(model)
+    changed = fast_dropout.install(model, CPU)
+    fast_dropout.install(model_without_registry_lookup(), CPU)
+    assert capsys.readouterr().out.count("note: fast dropout leaves the attention's dropout to torch") == 1
+    assert changed == sum(isinstance(m, torch.nn.Dropout) for m in model.modules())  # the dropouts, no attention
+    assert model.config._attn_implementation == "eager"  # its own, with torch's dropout
+
+    batch = _batch(tiny_model, data_dir)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(10):
+        loss = models.token_loss_sum(model, batch) / (batch["labels"] != -100).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -7,6 +7,7 @@ stalls, is an error with its status or "timed out". Everything runs against the 
 """
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -122,16 +123,29 @@ def test_a_bad_probe_timeout_is_named(hermetic, raw):
 
 
 def test_huggingface_hubs_waits_are_capped_unless_the_user_set_them(hermetic):
-    from huggingface_hub import constants, file_download
+    from huggingface_hub import constants
 
     hermetic.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 7)
     hub.bound_waits()
     assert constants.HF_HUB_DOWNLOAD_TIMEOUT == hub.DOWNLOAD_TIMEOUT_S
-    assert file_download._ETAG_RETRY_TIMEOUT == 7  # a hung metadata request is retried with its own timeout
+    assert constants.HF_HUB_ETAG_TIMEOUT == 7  # the metadata timeout is the user's
     hermetic.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "30")  # the user's choice wins (huggingface_hub read it at import)
     hermetic.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 30)
     hub.bound_waits()
     assert constants.HF_HUB_DOWNLOAD_TIMEOUT == 30
+
+
+def test_hub_py_imports_only_what_requirements_txt_names():
+    """The HTTP client comes with huggingface_hub (huggingface_hub.utils.httpx), whatever its package is called."""
+    import ast
+
+    named = {re.split(r"[<>=!~; \[]", line.strip())[0].lower().replace("-", "_")
+             for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
+    tree = ast.parse((ROOT / "t5dialog" / "hub.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    outside = imported - set(sys.stdlib_module_names) - {"t5dialog", "__future__"}
+    assert outside and outside <= named, (outside, named)
 
 
 # --- a damaged copy: downloaded again once, else one line naming a fix that works ------------
@@ -226,12 +240,14 @@ def test_cli_downloads_through_a_proxy(fake_hub, fake_proxy, tmp_path):
 
 # --- t5-small from the hub ---------------------------------------------------
 
+LOAD_T5_SMALL = ("from t5dialog import models; m, t = models.load_pretrained('t5-small'); "
+                 "print(sum(p.numel() for p in m.parameters()), t('Hi there .').input_ids)")
+
+
 @pytest.mark.slow
 def test_load_pretrained_gets_t5_small_from_the_hub_then_its_cache(fake_hub, tiny_model, tmp_path):
-    code = ("from t5dialog import models; m, t = models.load_pretrained('t5-small'); "
-            "print(sum(p.numel() for p in m.parameters()), t('Hi there .').input_ids)")
     env = hub_env(fake_hub, tmp_path)
-    result = run_cli("-c", code, env=env)
+    result = run_cli("-c", LOAD_T5_SMALL, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -242,8 +258,43 @@ def test_load_pretrained_gets_t5_small_from_the_hub_then_its_cache(fake_hub, tin
     assert "/api/models/t5-small" in fake_hub.paths("GET")
     assert any(p.startswith("/google-t5/t5-small/resolve/") and p.endswith("/model.safetensors") for p in fake_hub.paths("HEAD"))
     assert [p for p in fake_hub.paths("GET") if p.startswith("/cdn/")]
+    assert ("HEAD", "/") not in fake_hub.requests  # no probe of its own: the load's first question tells as much
+
+    # Online again: one question (which commit is main), and the cache has that commit's files.
+    asked = len(fake_hub.requests)
+    again = run_cli("-c", LOAD_T5_SMALL, env=env)
+    assert again.returncode == 0 and again.stdout == result.stdout, again.stderr[-3000:]
+    assert fake_hub.paths()[asked:] == ["/api/models/t5-small", "/api/models/google-t5/t5-small"]
 
     asked = len(fake_hub.requests)
-    offline = run_cli("-c", code, env={**env, "HF_HUB_OFFLINE": "1"})
+    offline = run_cli("-c", LOAD_T5_SMALL, env={**env, "HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 0 and offline.stdout == result.stdout, offline.stderr[-3000:]
     assert len(fake_hub.requests) == asked
+
+
+@pytest.mark.slow
+def test_a_cached_model_loads_when_the_hub_is_unreachable_or_hangs(fake_hub, tmp_path):
+    """Not reached or not answering, the hub's first question fails; the cache stands in, without the
+    library's retries (a refused connection) or its endless wait (a hub that never answers)."""
+    env = hub_env(fake_hub, tmp_path)
+    cached = run_cli("-c", LOAD_T5_SMALL, env=env)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+
+    refused = run_cli("-c", LOAD_T5_SMALL, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert refused.returncode == 0 and refused.stdout.endswith(cached.stdout), refused.stderr[-3000:]
+    assert "Retrying" not in refused.stderr + refused.stdout
+    assert "Could not reach the Hub" in refused.stdout  # huggingface_hub's note, on stdout with the run's account
+
+    with SilentHub() as silent:
+        result = run_cli("-c", LOAD_T5_SMALL, env={**env, "HF_ENDPOINT": silent.url, "HUB_PROBE_TIMEOUT": "1"}, timeout=120)
+    assert result.returncode == 0 and result.stdout == cached.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_model_the_hub_does_not_have_is_the_librarys_error_not_offline(fake_hub, tmp_path):
+    """The hub answered (404): no fallback to the cache, the load reports it in transformers' words."""
+    code = "from t5dialog import models; models.load_pretrained('someone/no-such-model')"
+    result = run_cli("-c", code, env=hub_env(fake_hub, tmp_path))
+    assert result.returncode != 0
+    assert "someone/no-such-model is not a local folder and is not a valid model identifier" in result.stderr
+    assert "/api/models/someone/no-such-model" in fake_hub.paths("GET")
