@@ -8,7 +8,12 @@ parameters big, so every test runs offline on a CPU in seconds.
 from pathlib import Path
 
 import pytest
+import torch
 from launcher import ROOT, run_cli, run_fresh, script_env  # noqa: F401  (the tests import them from here)
+
+# Like OMP_NUM_THREADS=1 for the scripts: the tiny models gain nothing from a second thread, and beside another
+# test process on 2 cores a second thread only waits for a core.
+torch.set_num_threads(1)
 
 SAMPLE = ROOT / "data" / "sample"
 SHARED = ROOT.parent / "shared" / "dailydialog"
@@ -18,6 +23,13 @@ TINY_CONFIG = dict(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_d
 # Flags that keep train.py runs on the tiny model short.
 TINY_FLAGS = ["--max-length", "64", "--max-target-length", "24", "--max-tokens", "512", "--log-every", "1",
               "--eval-every", "4", "--save-every", "4"]
+
+
+def train_argv(model, data, out, *extra, flags=TINY_FLAGS) -> list[str]:
+    """train.py's arguments for ``model`` on ``data``/train.txt and validation.txt into ``out``: ``flags``
+    (each test file's settings for a short run), then ``extra`` (later flags win, as on a command line)."""
+    return [str(a) for a in ("--model", model, "--train-file", Path(data) / "train.txt", "--val-file",
+                             Path(data) / "validation.txt", "--output-dir", out, *flags, *extra)]
 
 
 @pytest.fixture(scope="session")

@@ -39,9 +39,15 @@ _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(["train", "infer", "eval"])
 
 
-def script_env(env: dict | None = None) -> dict:
-    """The environment of a script run by a test: the user's, offline, one thread, plus ``env``."""
-    return {**os.environ, **BASE_ENV, **(env or {})}
+def script_env(env: dict | None = None, buffered: bool = False) -> dict:
+    """The environment of a script run by a test: the user's, offline, one thread, plus ``env``.
+
+    ``buffered``: as in a user's shell, stdout to a pipe is block-buffered (Python's exit-time flush writes it).
+    """
+    full = {**os.environ, **BASE_ENV, **(env or {})}
+    if buffered:
+        full.pop("PYTHONUNBUFFERED")
+    return full
 
 
 def run_fresh(*args, env=None, input=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ middle of a step, in the middle of a save, just before the commit rename,
 or between the commit and the deletion of old checkpoints.
 """
 
+import functools
 import json
 import os
 import pickle
@@ -16,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, script_env, train_argv
 from safetensors.torch import load_file
 
 import train
@@ -30,9 +31,7 @@ FLAGS = ["--max-length", "64", "--max-target-length", "24", "--max-tokens", "384
          "--eval-every", "3", "--save-every", "3", "--keep", "1", "--epochs", "2", "--log-examples", "--seed", "5"]
 
 
-def argv(model, data, out, *extra):
-    return ["--model", str(model), "--train-file", str(data / "train.txt"), "--val-file", str(data / "validation.txt"),
-            "--output-dir", str(out), *FLAGS, *extra]
+argv = functools.partial(train_argv, flags=FLAGS)
 
 
 def step_rows(out):
@@ -259,7 +258,7 @@ def test_a_second_train_py_on_a_busy_output_dir_is_refused_and_a_killed_holder_l
     from conftest import ROOT
 
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT": "stop:mid_step@5"}
+    env = script_env({"FAULT": "stop:mid_step@5"})
     # A real run that freezes (SIGSTOP) in the middle of step 5, after its save at step 3: it holds the lock.
     holder = subprocess.Popen([sys.executable, "train.py", *argv(tiny_model, data_dir, out)], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -321,7 +320,7 @@ def test_bf16_resume_after_kill_9_is_bit_exact(tiny_model, data_dir, tmp_path):
 STORM_FLAGS = ["--save-every", "2", "--eval-every", "2"]  # after FLAGS: about 28 steps in 2 epochs, a save every 2
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_a_storm_of_20_kills_then_resume_gives_the_uninterrupted_run(tiny_model, data_dir, tmp_path):
     straight = tmp_path / "straight"
     assert run_cli("train.py", *argv(tiny_model, data_dir, straight, *STORM_FLAGS)).returncode == 0

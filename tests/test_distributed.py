@@ -6,8 +6,8 @@ off they must see the same batches and end with the same weights, and each
 checkpoint of one must resume in the other world size.
 """
 
+import functools
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error
+from conftest import ROOT, SAMPLE, TINY_CONFIG, TINY_FLAGS, assert_user_error, run_cli, script_env, train_argv
 from safetensors.torch import load_file
 
 from t5dialog import checkpoint as ckpt
@@ -39,8 +39,7 @@ TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 def launch(cmd, env=None, timeout=300) -> subprocess.CompletedProcess:
     """Run cmd in the project root, offline, with no torchrun variables but those in env."""
-    full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    full_env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **DIST_ENV, **(env or {})})
+    full_env = {k: v for k, v in script_env({**DIST_ENV, **(env or {})}).items() if k not in TORCHRUN_VARS or k in (env or {})}
     return subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -51,13 +50,11 @@ def torchrun(*args, nproc=2, script="train.py", env=None) -> subprocess.Complete
 
 
 def python(*args, env=None) -> subprocess.CompletedProcess:
-    """`python script.py args`: one process."""
-    return launch(args, env)
+    """`python script.py args`: one process (forked from the tests' preloaded server, see launcher.py)."""
+    return run_cli(*args, env={**DIST_ENV, **(env or {})})
 
 
-def args_for(model, data, out, *extra):
-    return ["--model", model, "--train-file", data / "train.txt", "--val-file", data / "validation.txt",
-            "--output-dir", out, *TINY_FLAGS, "--max-steps", str(STEPS), "--log-examples", *extra]
+args_for = functools.partial(train_argv, flags=[*TINY_FLAGS, "--max-steps", str(STEPS), "--log-examples"])
 
 
 def rows(out, key="loss"):

@@ -3,7 +3,6 @@
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -11,8 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, assert_user_error, run_cli
-from test_train import train_args
+from conftest import ROOT, SAMPLE, assert_user_error, run_cli, script_env, train_argv
 
 import eval as evaluation
 import infer
@@ -255,17 +253,12 @@ def test_bf16_perplexity_is_finite_and_close_to_fp32(tiny_model, data_dir, tmp_p
 # ---------------------------------------------------------------- Ctrl-C and a reader that goes away
 
 
-def script_env():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONUNBUFFERED", None)  # as in a user's shell: the exit-time flush writes what a pipe buffered
-    return env
-
 
 @pytest.mark.slow
 def test_eval_ends_quietly_when_the_reader_leaves(tiny_model, data_dir, tmp_path):
     # `python eval.py ... | head -1`: the reader takes the first line and closes the pipe.
     p = subprocess.Popen([sys.executable, "eval.py", *map(str, eval_argv(tiny_model, data_dir, "--out", tmp_path / "out"))],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env(buffered=True))
     assert p.stdout.readline().startswith(b"evaluating")
     p.stdout.close()
     err = p.stderr.read()
@@ -280,7 +273,7 @@ def test_eval_ends_quietly_when_the_reader_leaves(tiny_model, data_dir, tmp_path
 def test_ctrl_c_while_generating_is_one_line_and_130(tiny_model, tmp_path):
     p = subprocess.Popen([sys.executable, "eval.py", "--checkpoint", str(tiny_model), "--data", str(SAMPLE / "validation.txt"),
                           "--out", str(tmp_path / "out"), "--batch-size", "4"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env(buffered=True))
     assert p.stdout.readline().startswith(b"evaluating")  # the model is loaded; 151 pairs to generate follow
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
@@ -296,7 +289,7 @@ def test_ctrl_c_while_generating_is_one_line_and_130(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_train_eval_generate_writes_the_report_in_the_output_dir(tiny_model, data_dir, tmp_path):
     out = tmp_path / "ckpts"
-    result = run_cli(*train_args(tiny_model, data_dir, out, "--max-steps", "2", "--eval-generate", "3"))
+    result = run_cli("train.py", *train_argv(tiny_model, data_dir, out, "--max-steps", "2", "--eval-generate", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generation eval failed" not in result.stdout
     index = json.loads((out / "checkpoints.json").read_text())

@@ -1,11 +1,12 @@
 """The CUDA path: bf16 autocast, TF32, fused AdamW, sdpa, prefetched batches. Skipped without a GPU."""
 
+import functools
 import json
 import math
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, run_cli
+from conftest import TINY_FLAGS, run_cli, train_argv
 from safetensors.torch import load_file
 
 from t5dialog import checkpoint as ckpt
@@ -14,14 +15,12 @@ from t5dialog import models
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def train_args(model, data, out, *extra):
-    return ["train.py", "--model", model, "--train-file", data / "train.txt", "--val-file", data / "validation.txt",
-            "--output-dir", out, *TINY_FLAGS, "--max-steps", "8", "--device", "cuda", *extra]
+argv = functools.partial(train_argv, flags=[*TINY_FLAGS, "--max-steps", "8", "--device", "cuda"])
 
 
 def test_auto_precision_on_a_gpu_trains_in_bf16_and_saves_fp32(tiny_model, data_dir, tmp_path):
     out = tmp_path / "out"
-    result = run_cli(*train_args(tiny_model, data_dir, out))
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
     # models.bf16_supported, not torch.cuda.is_bf16_supported (which counts slow emulation as support)
     expected = "bf16 autocast" if models.bf16_supported(torch.device("cuda")) else "no bf16"
@@ -35,10 +34,10 @@ def test_auto_precision_on_a_gpu_trains_in_bf16_and_saves_fp32(tiny_model, data_
 
 def test_gpu_resume_continues_the_same_data_order(tiny_model, data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_cli(*train_args(tiny_model, data_dir, straight, "--log-examples")).returncode == 0
-    first = run_cli(*train_args(tiny_model, data_dir, resumed, "--log-examples"), env={"FAULT": "term:mid_step@5"})
+    assert run_cli("train.py", *argv(tiny_model, data_dir, straight, "--log-examples")).returncode == 0
+    first = run_cli("train.py", *argv(tiny_model, data_dir, resumed, "--log-examples"), env={"FAULT": "term:mid_step@5"})
     assert first.returncode == 143, first.stderr[-2000:]
-    assert run_cli(*train_args(tiny_model, data_dir, resumed, "--log-examples", "--resume")).returncode == 0
+    assert run_cli("train.py", *argv(tiny_model, data_dir, resumed, "--log-examples", "--resume")).returncode == 0
 
     def examples(out):
         return [r["examples"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "examples" in r]
@@ -47,5 +46,5 @@ def test_gpu_resume_continues_the_same_data_order(tiny_model, data_dir, tmp_path
 
 
 def test_fp16_is_refused_on_a_gpu_too(tiny_model, data_dir, tmp_path):
-    result = run_cli(*train_args(tiny_model, data_dir, tmp_path / "out", "--precision", "fp16"))
+    result = run_cli("train.py", *argv(tiny_model, data_dir, tmp_path / "out", "--precision", "fp16"))
     assert result.returncode == 2 and "bf16" in result.stderr

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_cli
+from conftest import ROOT, assert_user_error, run_cli, script_env
 
 import infer
 from t5dialog import checkpoint as ckpt
@@ -213,18 +213,12 @@ def test_truncated_safetensors_is_a_one_line_error(tiny_model, tmp_path):
 # ---------------------------------------------------------------- input that is not UTF-8
 
 
-def script_env():
-    """The environment of a user's shell: stdout to a pipe is block-buffered, so Python's exit-time flush writes it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PYTHONUNBUFFERED", None)
-    return env
-
 
 @pytest.mark.slow
 def test_piped_bytes_that_are_not_utf8_still_get_one_answer_per_line(tiny_model):
     result = subprocess.run([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "6"],
                             input=b"Hello there .\n\xff\xfe bad\nWhat time is it ?\n", capture_output=True, cwd=ROOT,
-                            env=script_env(), timeout=300)
+                            env=script_env(buffered=True), timeout=300)
     err = result.stderr.decode(errors="replace")
     assert result.returncode == 0, err[-2000:]
     assert len(result.stdout.decode().split("\n")[:-1]) == 3  # one answer line per input line, the last one included
@@ -260,7 +254,7 @@ def assert_quiet_exit(process, err: bytes):
 def test_one_shot_into_a_closed_pipe_ends_quietly(tiny_model):
     write = closed_pipe()
     p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4", "Hi"],
-                         stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+                         stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=script_env(buffered=True))
     os.close(write)
     _, err = p.communicate(timeout=300)
     assert_quiet_exit(p, err)
@@ -269,7 +263,8 @@ def test_one_shot_into_a_closed_pipe_ends_quietly(tiny_model):
 def piped_infer_answered_once(tiny_model) -> subprocess.Popen:
     """`python infer.py` reading piped lines, after its answer to the first one has arrived."""
     p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=script_env())
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         env=script_env(buffered=True))
     p.stdin.write(b"Hello there .\n")
     p.stdin.flush()
     assert p.stdout.readline()
@@ -327,8 +322,7 @@ def test_readers_never_fail_while_train_py_prunes_under_them(tiny_model, data_di
     flags = ["--model", tiny_model, "--train-file", data_dir / "train.txt", "--val-file", data_dir / "validation.txt",
              "--output-dir", out, "--max-length", "64", "--max-target-length", "24", "--max-tokens", "512",
              "--save-every", "1", "--eval-every", "1000", "--keep", "1", "--epochs", "400"]  # killed when done
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    writer = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT, env=env,
+    writer = subprocess.Popen([sys.executable, "train.py", *map(str, flags)], cwd=ROOT, env=script_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         while writer.poll() is None and not (out / ckpt.INDEX).exists():
@@ -461,7 +455,7 @@ def test_ctrl_c_at_the_chat_prompt_leaves_quietly(tiny_model):
     if pid == 0:
         os.chdir(ROOT)
         os.execve(sys.executable, [sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "4"],
-                  script_env())
+                  script_env(buffered=True))
     transcript = bytearray()
     try:
         assert read_until(fd, transcript, b"you> ")

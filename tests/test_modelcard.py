@@ -2,13 +2,12 @@
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, script_env
 from huggingface_hub import ModelCard
 
 import dataset
@@ -160,7 +159,7 @@ def test_card_example_runs_with_plain_transformers_and_uses_the_defaults(tiny, t
     run_config = {"model": "scratch"}
     path = ckpt.save_checkpoint(out, 30, model, tokenizer, {"step": 30}, run_config,
                                 modelcard.files_for(model, run_config, {"step": 30}, 30))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in script_env().items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-I", "-c", RUN_CARD_EXAMPLE, str(path), str(elsewhere)], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

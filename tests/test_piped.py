@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, script_env
 
 import infer
 from t5dialog.generation import load
@@ -103,9 +103,9 @@ def test_piped_lines_through_infer_py_are_answered_in_order(tiny_model, loaded):
 
 @pytest.mark.slow
 def test_a_line_typed_into_an_open_pipe_is_answered_before_the_next(tiny_model, loaded):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "infer.py", "--checkpoint", str(tiny_model), "--max-new-tokens", "6"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                         env=script_env(buffered=True))
     try:
         answers = []
         for line in ("Hello there .", "What time is it ?"):

@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
@@ -13,7 +12,7 @@ from argparse import Namespace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, script_env
 
 import infer
 from dataset import encode_history
@@ -350,7 +349,7 @@ def test_bad_serve_flags_are_one_line_errors(tiny_model, capsys):
 
 @pytest.mark.slow
 def test_python_infer_py_serve_logs_one_line_per_request_and_ctrl_c_ends_it_in_one_line(tiny_model, loaded):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = script_env(buffered=True)
     p = subprocess.Popen([sys.executable, "infer.py", "--serve", "--port", "0", "--checkpoint", str(tiny_model),
                           "--max-new-tokens", "8"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:

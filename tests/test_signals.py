@@ -9,6 +9,7 @@ torchrun: tests/test_distributed.py.
 """
 
 import fcntl
+import functools
 import json
 import os
 import select
@@ -18,17 +19,16 @@ import sys
 import termios
 
 import pytest
-from conftest import ROOT, TINY_FLAGS, run_cli
+from conftest import ROOT, TINY_FLAGS, run_cli, script_env, train_argv
 
 from t5dialog import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # every test here starts train.py as a process
 
 
-def args(model, data, out, *extra):
-    return ["train.py", "--model", model, "--train-file", data / "train.txt", "--val-file", data / "validation.txt",
-            "--output-dir", out, *TINY_FLAGS, "--max-steps", "10", "--save-every", "1000", "--eval-every", "1000",
-            "--keep", "10", *extra]
+# 10 steps; --save-every and --eval-every far off, so every checkpoint here is a signal's doing.
+argv = functools.partial(train_argv, flags=[*TINY_FLAGS, "--max-steps", "10", "--save-every", "1000", "--eval-every", "1000",
+                                            "--keep", "10"])
 
 
 def saved_steps(out):
@@ -55,7 +55,7 @@ def test_each_signal_saves_at_its_step_and_resume_goes_on(tiny_model, data_dir, 
     out, resume = tmp_path / "out", []
     for step, sig in enumerate(STOPPING, start=2):
         action = sig.name.removeprefix("SIG").lower()  # files.fault's name for it
-        result = run_cli(*args(tiny_model, data_dir, out, *resume), env={"FAULT": f"{action}:mid_step@{step}"})
+        result = run_cli("train.py", *argv(tiny_model, data_dir, out, *resume), env={"FAULT": f"{action}:mid_step@{step}"})
         assert result.returncode == 128 + sig, (sig.name, result.returncode, result.stderr[-3000:])
         assert saved_steps(out) == list(range(2, step + 1)), sig.name  # saved at the step the signal came in
         named = lines_naming(result.stdout + result.stderr, sig)
@@ -64,7 +64,7 @@ def test_each_signal_saves_at_its_step_and_resume_goes_on(tiny_model, data_dir, 
         if resume:
             assert f"resuming from {ckpt.checkpoint_name(step - 1)}: step {step - 1}" in result.stdout
         resume = ["--resume"]
-    result = run_cli(*args(tiny_model, data_dir, out, *resume), env={"FAULT": "usr2:mid_step@7,usr2:mid_step@9"})
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, *resume), env={"FAULT": "usr2:mid_step@7,usr2:mid_step@9"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint-00000006: step 6" in result.stdout
     assert saved_steps(out) == [2, 3, 4, 5, 6, 7, 9, 10]  # one snapshot per USR2, then the end of the run
@@ -75,9 +75,8 @@ def test_each_signal_saves_at_its_step_and_resume_goes_on(tiny_model, data_dir, 
 
 def start_frozen_at_step_5(model, data, out, **popen):
     """train.py that freezes (SIGSTOP) in the middle of step 5; returns it stopped."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "FAULT": "stop:mid_step@5"}
-    return subprocess.Popen([sys.executable, *map(str, args(model, data, out))], cwd=ROOT, env=env, **popen)
+    return subprocess.Popen([sys.executable, "train.py", *argv(model, data, out)], cwd=ROOT,
+                            env=script_env({"FAULT": "stop:mid_step@5"}), **popen)
 
 
 def test_sigusr1_sent_from_outside_saves_and_exits_138(tiny_model, data_dir, tmp_path):

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, assert_user_error, run_cli
+from conftest import TINY_FLAGS, assert_user_error, run_cli, train_argv
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -19,9 +19,6 @@ from t5dialog import checkpoint as ckpt
 from t5dialog import flags, models
 
 
-def train_args(model, data, out, *extra):
-    return ["train.py", "--model", model, "--train-file", data / "train.txt", "--val-file", data / "validation.txt",
-            "--output-dir", out, *TINY_FLAGS, *extra]
 
 
 def metrics(out):
@@ -31,7 +28,7 @@ def metrics(out):
 @pytest.fixture(scope="module")
 def finished_run(tiny_model, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "ckpts"
-    result = run_cli(*train_args(tiny_model, data_dir, out, "--epochs", "2", "--keep", "1"))
+    result = run_cli("train.py", *train_argv(tiny_model, data_dir, out, "--epochs", "2", "--keep", "1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -72,7 +69,7 @@ def test_resume_continues_from_the_saved_step(finished_run, tiny_model, data_dir
     copy = tmp_path / "ckpts"
     shutil.copytree(out, copy)
     steps_before = json.loads((copy / "checkpoints.json").read_text())["latest"]
-    result = run_cli(*train_args(tiny_model, data_dir, copy, "--resume", "--epochs", "3"))
+    result = run_cli("train.py", *train_argv(tiny_model, data_dir, copy, "--resume", "--epochs", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {steps_before}" in result.stdout
     rows = [r for r in metrics(copy) if "loss" in r]
@@ -85,7 +82,7 @@ def test_resume_continues_from_the_saved_step(finished_run, tiny_model, data_dir
 def test_existing_run_is_not_overwritten(finished_run, tiny_model, data_dir):
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    result = run_cli(*train_args(tiny_model, data_dir, out))
+    result = run_cli("train.py", *train_argv(tiny_model, data_dir, out))
     assert_user_error(result, "--resume", "--output-dir")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
@@ -145,7 +142,7 @@ def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_di
     (["--output-dir", ""], ["--output-dir", "empty"]),
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
-    code = call_main(train_args(tiny_model, data_dir, tmp_path / "out", *flags)[1:])
+    code = call_main(train_argv(tiny_model, data_dir, tmp_path / "out", *flags))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for w in words:
@@ -178,7 +175,7 @@ def test_bad_data_files_are_one_line_errors(tiny_model, data_dir, tmp_path):
         assert_user_error(result, name)
         if content is not None:
             assert path.read_bytes() == content
-    result = run_cli(*train_args(tiny_model, data_dir, tmp_path / "out2")[:5], "--val-file", tmp_path / "nope.txt",
+    result = run_cli("train.py", *train_argv(tiny_model, data_dir, tmp_path / "out2")[:4], "--val-file", tmp_path / "nope.txt",
                      "--output-dir", tmp_path / "out2", *TINY_FLAGS)
     assert_user_error(result, "nope.txt", "not found")
 
@@ -186,51 +183,51 @@ def test_bad_data_files_are_one_line_errors(tiny_model, data_dir, tmp_path):
 def test_output_dir_problems_are_one_line_errors(tiny_model, data_dir, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("keep me")
-    assert call_main(train_args(tiny_model, data_dir, a_file)[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, a_file)) == 2
     assert "existing file" in capsys.readouterr().err and a_file.read_text() == "keep me"
 
-    assert call_main(train_args(tiny_model, data_dir, tmp_path / "empty", "--resume")[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, tmp_path / "empty", "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
     dangling = tmp_path / "link"
     dangling.symlink_to(tmp_path / "gone")  # was "not writable (File exists)"
-    assert call_main(train_args(tiny_model, data_dir, dangling)[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, dangling)) == 2
     assert "symlink to" in capsys.readouterr().err and dangling.is_symlink() and not (tmp_path / "gone").exists()
 
     if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-        assert call_main(train_args(tiny_model, data_dir, locked / "out")[1:]) == 2
+        assert call_main(train_argv(tiny_model, data_dir, locked / "out")) == 2
         assert "not writable" in capsys.readouterr().err
 
 
 def test_a_refused_run_creates_nothing(tiny_model, data_dir, tmp_path, capsys):
     """Whatever refuses a run (a flag, the model, the data, the output dir) refuses it before any file is made."""
     new = tmp_path / "new"
-    assert call_main(train_args(tiny_model, data_dir, new, "--resume")[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, new, "--resume")) == 2
     assert "no checkpoint" in capsys.readouterr().err and not new.exists()
 
-    assert call_main(train_args(tmp_path / "no-such-model", data_dir, new)[1:]) == 2
+    assert call_main(train_argv(tmp_path / "no-such-model", data_dir, new)) == 2
     assert "cannot load --model" in capsys.readouterr().err and not new.exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert call_main(train_args(tiny_model, data_dir, empty, "--lr", "0")[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, empty, "--lr", "0")) == 2
     assert "--lr" in capsys.readouterr().err and list(empty.iterdir()) == []
 
     committed = tmp_path / "run" / "checkpoint-00000010"  # a checkpoint given where its output dir belongs
     committed.mkdir(parents=True)
     (committed / "config.json").write_text("{}")
     for extra in ([], ["--resume"]):
-        assert call_main(train_args(tiny_model, data_dir, committed, *extra)[1:]) == 2
+        assert call_main(train_argv(tiny_model, data_dir, committed, *extra)) == 2
         err = capsys.readouterr().err
         assert "is a checkpoint, not an output dir" in err and str(committed.parent.resolve()) in err
         assert [p.name for p in committed.iterdir()] == ["config.json"]  # no train.lock written into it
 
 
 def test_a_validation_file_that_is_the_training_file_is_refused(tiny_model, data_dir, tmp_path, capsys):
-    argv = train_args(tiny_model, data_dir, tmp_path / "out")[1:]
+    argv = train_argv(tiny_model, data_dir, tmp_path / "out")
     argv[argv.index("--val-file") + 1] = data_dir / "train.txt"
     assert call_main(argv) == 2
     err = capsys.readouterr().err
@@ -239,7 +236,7 @@ def test_a_validation_file_that_is_the_training_file_is_refused(tiny_model, data
 
 
 def test_named_model_that_cannot_be_loaded_is_an_error_not_a_fallback(data_dir, tmp_path, capsys):
-    assert call_main(train_args(tmp_path / "no-such-model", data_dir, tmp_path / "out")[1:]) == 2
+    assert call_main(train_argv(tmp_path / "no-such-model", data_dir, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "cannot load --model" in err and "Traceback" not in err
 
@@ -248,7 +245,7 @@ def test_named_model_that_cannot_be_loaded_is_an_error_not_a_fallback(data_dir, 
 def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, data_dir, capsys):
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    assert call_main(train_args("scratch", data_dir, out, "--resume")[1:]) == 2
+    assert call_main(train_argv("scratch", data_dir, out, "--resume")) == 2
     assert "--model cannot change on --resume" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
@@ -325,8 +322,8 @@ def one_error_line(capsys) -> str:
 
 def test_the_final_validation_counts_for_the_best_checkpoint(tiny_model, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert call_main(train_args(tiny_model, data_dir, out, "--max-steps", "6", "--save-every", "3",
-                                "--eval-every", "1000")[1:]) == 0
+    assert call_main(train_argv(tiny_model, data_dir, out, "--max-steps", "6", "--save-every", "3",
+                                "--eval-every", "1000")) == 0
     index = strict_json((out / "checkpoints.json").read_text())
     assert index["best"] == "checkpoint-00000006" and index["latest"] == "checkpoint-00000006"
     assert isinstance(index["best_val_loss"], float) and math.isfinite(index["best_val_loss"])
@@ -338,8 +335,7 @@ def test_the_final_validation_counts_for_the_best_checkpoint(tiny_model, data_di
 def ten_steps(tiny_model, data_dir, tmp_path_factory):
     """A --max-steps 10 run with checkpoints at 5 and 10; tests resume copies of it."""
     out = tmp_path_factory.mktemp("ten-steps") / "ckpts"
-    argv = train_args(tiny_model, data_dir, out, "--max-steps", "10", "--eval-every", "5", "--save-every", "5")
-    assert call_main(argv[1:]) == 0
+    assert call_main(train_argv(tiny_model, data_dir, out, "--max-steps", "10", "--eval-every", "5", "--save-every", "5")) == 0
     return out
 
 
@@ -435,8 +431,8 @@ def test_typing_the_recorded_value_again_is_accepted(ten_copy, data_dir, tiny_mo
 
 def epoch_args(model, data, out, *extra):
     """One epoch (20 steps of the tiny data at --max-tokens 512), every step's examples logged."""
-    return train_args(model, data, out, "--epochs", "1", "--log-examples", "--eval-every", "100", "--save-every", "100",
-                      *extra)[1:]
+    return train_argv(model, data, out, "--epochs", "1", "--log-examples", "--eval-every", "100", "--save-every", "100",
+                      *extra)
 
 
 def test_resume_with_another_grad_accum_keeps_the_lr_at_each_point_of_the_data(tiny_model, data_dir, tmp_path,
@@ -530,8 +526,8 @@ def test_a_diverging_run_stops_at_the_first_bad_step_and_keeps_only_good_checkpo
                                                                                        capsys):
     # --lr 1e4 really diverges on the tiny model within a few steps: the loss or its gradient turns nan.
     out = tmp_path / "out"
-    assert call_main(train_args(tiny_model, data_dir, out, "--max-steps", "20", "--lr", "1e4", "--save-every", "1",
-                                "--eval-every", "2")[1:]) == 2
+    assert call_main(train_argv(tiny_model, data_dir, out, "--max-steps", "20", "--lr", "1e4", "--save-every", "1",
+                                "--eval-every", "2")) == 2
     line = one_error_line(capsys)
     assert "not finite" in line and "lower --lr" in line
     bad = int(line.split("step ")[1].split(":")[0])
@@ -603,8 +599,8 @@ def test_bf16_on_cpu_trains_close_to_fp32_and_saves_fp32(tiny_model, data_dir, t
     runs = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        assert call_main(train_args(tiny_model, data_dir, out, "--device", "cpu", "--precision", precision,
-                                    "--max-steps", "8", "--log-examples")[1:]) == 0
+        assert call_main(train_argv(tiny_model, data_dir, out, "--device", "cpu", "--precision", precision,
+                                    "--max-steps", "8", "--log-examples")) == 0
         runs[precision] = train_rows(out)
     fp32, bf16 = runs["fp32"], runs["bf16"]
     assert [r["examples"] for r in bf16] == [r["examples"] for r in fp32]  # the same batches
