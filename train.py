@@ -410,7 +410,7 @@ def save(state: dict, r: Run):
         metrics = {"step": step, "val_loss": val, "best_val_loss": state["best_val_loss"]}
         config = flags.run_config(r.args)
         path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, config,
-                                    modelcard.files_for(state["model"], config, metrics, step))
+                                    modelcard.files_for(config, metrics, step))
         best = r.out / ckpt.checkpoint_name(state["best_step"]) if state["best_step"] is not None else None
         ckpt.update_index_and_prune(r.out, path, best, state["best_val_loss"], r.args.keep)
     state["saved_step"] = step

@@ -98,7 +98,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
     """Write and commit ``checkpoint-<step>``; return its path.
 
     ``extra_files``: {name: text} written beside the weights and covered by
-    the manifest (the model card and decoding defaults of modelcard.py).
+    the manifest (the model card of modelcard.py).
     """
     output_dir = Path(output_dir)
     final = output_dir / checkpoint_name(step)

@@ -103,11 +103,11 @@ def generation_options(args) -> dict:
 
 
 def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
-    """Decode a batch of encoded inputs, each padded to the batch's longest."""
-    options = {**GENERATION_DEFAULTS, **options}
-    if not options["do_sample"]:  # sampling knobs would only trigger library warnings
-        for k in ("top_p", "top_k", "temperature"):
-            options.pop(k)
+    """Decode a batch of encoded inputs, each padded to the batch's longest.
+
+    The checkpoint's generation_config.json decides what ``options`` leaves out.
+    """
+    options = {k: v for k, v in options.items() if k not in models.unused_settings(options)}
     longest = max(len(ids) for ids in inputs)
     input_ids = torch.full((len(inputs), longest), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -161,7 +161,7 @@ def stream_response(text, model, tokenizer, device, history=None, max_length=512
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
     cancelled = threading.Event()
     streamer = None
-    if options.get("num_beams", GENERATION_DEFAULTS["num_beams"]) == 1:
+    if options.get("num_beams", model.generation_config.num_beams or 1) == 1:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     criteria = stop_when(lambda: cancelled.is_set() or (stop is not None and stop()))
     worker = _Worker([ids], model, tokenizer, device, dict(options, streamer=streamer, stopping_criteria=criteria))

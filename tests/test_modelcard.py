@@ -108,13 +108,13 @@ def test_save_writes_card_and_decoding_defaults_covered_by_the_manifest(tiny, tm
     run_config = {"model": "scratch", "train_file": str(SAMPLE / "train.txt"), "lr": float("nan"), "max_length": 64}
     metrics = {"step": 30, "val_loss": 3.2, "best_val_loss": float("inf")}
     path = ckpt.save_checkpoint(tmp_path, 30, model, tokenizer, {"step": 30}, run_config,
-                                modelcard.files_for(model, run_config, metrics, 30))
+                                modelcard.files_for(run_config, metrics, 30))
     assert ckpt.verify(path) is None
     covered = strict_json(path / ckpt.MANIFEST)["files"]
-    assert {modelcard.CARD, modelcard.GENERATION_CONFIG, ckpt.RUN_CONFIG} <= set(covered)
+    assert {modelcard.CARD, "generation_config.json", ckpt.RUN_CONFIG} <= set(covered)
     assert strict_json(path / ckpt.RUN_CONFIG)["lr"] is None
 
-    raw = strict_json(path / modelcard.GENERATION_CONFIG)
+    raw = strict_json(path / "generation_config.json")
     assert not {"top_p", "top_k", "temperature"} & set(raw)  # greedy: no sampling knobs to warn about
     config = GenerationConfig.from_pretrained(path)
     d = generation.GENERATION_DEFAULTS
@@ -123,7 +123,6 @@ def test_save_writes_card_and_decoding_defaults_covered_by_the_manifest(tiny, tm
     assert bool(config.do_sample) == d["do_sample"]
     assert (config.pad_token_id, config.eos_token_id, config.decoder_start_token_id) == (
         tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id)
-    assert model.generation_config.max_new_tokens is None  # the caller's model is left as it was
 
     card = (path / modelcard.CARD).read_text()
     assert card_metadata(card)["license_name"] == "project-demo-sample"
@@ -159,7 +158,7 @@ def test_card_example_runs_with_plain_transformers_and_uses_the_defaults(tiny, t
     elsewhere.mkdir()
     run_config = {"model": "scratch"}
     path = ckpt.save_checkpoint(out, 30, model, tokenizer, {"step": 30}, run_config,
-                                modelcard.files_for(model, run_config, {"step": 30}, 30))
+                                modelcard.files_for(run_config, {"step": 30}, 30))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-I", "-c", RUN_CARD_EXAMPLE, str(path), str(elsewhere)], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=300)
