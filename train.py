@@ -6,9 +6,9 @@
     torchrun --nproc_per_node 2 train.py ...      # data parallel, same checkpoints
 
 Top to bottom: `run`, a table of contents (output dir, data, model, state,
-restore, fit, finish) -> `fit`, the loop, with `train_step`, `evaluate`,
+restore, fit, finish) -> `fit`, the loop, with `train_step`, `validate`,
 logging and `save` beside it. The flags live in flags.py, checkpoints in
-checkpoint.py (atomic, verified). A checkpoint saves the loop's counters
+checkpoint.py (atomic, verified), the validation loss in validation.py. A checkpoint saves the loop's counters
 (SAVED) with the optimizer and RNG states; `--resume` loads them in `restore`.
 """
 
@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dataset import collate, collated_steps, load_datasets, read_dialogues, token_budget_batches
+from dataset import collated_steps, load_datasets, read_dialogues, token_budget_batches
 from t5dialog import checkpoint as ckpt
 from t5dialog import datafiles, distributed, flags, modelcard, models, outdir, runlog
 from t5dialog.cli import UserError, run_script
 from t5dialog.files import fault
+from t5dialog.validation import validation_loss
 
 ROOT = Path(__file__).resolve().parent
 SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the state a checkpoint carries
@@ -329,28 +330,11 @@ def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list
     return loss_sum, step_tokens, real_tokens, grad_norm
 
 
-@torch.no_grad()
-def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int = 1, precision: str = "fp32") -> float:
-    """Validation loss per target token, summed over ranks before dividing."""
-    model.eval()
-    batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in batches:
-        batch = models.to_device(collate([dataset.examples[i] for i in b], dataset.pad_id), device)
-        with models.autocast(device, precision):
-            totals[0] += models.token_loss_sum(model, batch).double()
-        totals[1] += (batch["labels"] != -100).sum()
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    model.train()
-    return (totals[0] / totals[1]).item()
-
-
 def validate(state: dict, r: Run, bar):
     step = state["step"]
     if step in state["val_at"]:
         return
-    loss = evaluate(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
+    loss = validation_loss(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
     state["val_at"][step] = loss
     record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
     if r.rank == 0:
