@@ -336,9 +336,11 @@ def validate(state: dict, r: Run, bar):
         return
     loss = validation_loss(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
     state["val_at"][step] = loss
-    record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+    from t5dialog.metrics import perplexity  # here: its text metrics' imports cost half a second at every start
+
+    record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": perplexity(loss)})
     if r.rank == 0:
-        bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
+        bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         runlog.plot_losses(r.out)  # the curves so far, for whoever watches the run
 
 

@@ -71,10 +71,11 @@ def _number(value, digits=4) -> str:
 
 
 def _loss_row(label: str, loss) -> str:
+    from t5dialog.metrics import perplexity  # here: its text metrics' imports cost train.py half a second at start
+
     if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
         return f"| {label} | n/a |"
-    ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past about 709
-    return f"| {label} | {loss:.4f} (perplexity {_number(ppl, 2)}) |"
+    return f"| {label} | {loss:.4f} (perplexity {_number(perplexity(loss), 2)}) |"
 
 
 def metrics_table(metrics: dict | None, step: int) -> str:
