@@ -15,6 +15,7 @@ import torch
 
 from t5dialog import checkpoint as ckpt
 from t5dialog import models
+from t5dialog.batching import collate
 from t5dialog.cli import UserError, finite_float
 from t5dialog.dialogues import encode_history
 from t5dialog.models import GENERATION_DEFAULTS
@@ -108,14 +109,9 @@ def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -
     The checkpoint's generation_config.json decides what ``options`` leaves out.
     """
     options = {k: v for k, v in options.items() if k not in models.unused_settings(options)}
-    longest = max(len(ids) for ids in inputs)
-    input_ids = torch.full((len(inputs), longest), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(inputs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    batch = models.to_device(collate([{"input_ids": ids} for ids in inputs], tokenizer.pad_token_id), device)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **options)
+        out = model.generate(**batch, **options)
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
