@@ -116,9 +116,7 @@ def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -
 
 
 def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
-    """The model's reply to ``text`` after the earlier turns in ``history``."""
-    if not text or not text.strip():
-        raise UserError("empty prompt: type some text")
+    """The model's reply to ``text`` after the earlier turns in ``history`` (`EmptyPrompt` when none holds text)."""
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
     return generate_ids([ids], model, tokenizer, device, **options)[0]
 
@@ -152,8 +150,6 @@ def stream_response(text, model, tokenizer, device, history=None, max_length=512
     """
     from transformers import TextIteratorStreamer
 
-    if not text or not text.strip():
-        raise UserError("empty prompt: type some text")
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
     cancelled = threading.Event()
     streamer = None
