@@ -92,7 +92,6 @@ def check_args(args):
                         f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")
 
 
-
 # Fixed for the life of a run: typing another value with --resume is refused.
 FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
                    "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",

@@ -265,9 +265,6 @@ def prepare_for_training(model, device, precision: str, attention: str, use_fast
     return model
 
 
-
-
-
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
