@@ -88,11 +88,11 @@ def build_parser():
     p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.")
     cli.add_checkpoint_arg(p, DEFAULT_DIR)
     p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file; without it, all")
     p.add_argument("--out", default=None,
-                   help="folder for report.json and samples.jsonl (default: eval/<checkpoint name> beside the checkpoint, "
+                   help="folder for report.json and samples.jsonl; without it, eval/<checkpoint name> beside the checkpoint, "
                         f"e.g. {DEFAULT_DIR}/eval/checkpoint-00001000; not inside it, since a running train.py deletes "
-                        "old checkpoint folders with all they hold)")
+                        "old checkpoint folders with all they hold")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per generation (and perplexity) batch")
     cli.add_device_arg(p)
     cli.add_precision_arg(p)

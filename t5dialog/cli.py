@@ -74,8 +74,8 @@ def add_precision_arg(parser):
 
 def add_checkpoint_arg(parser, default_dir: str):
     parser.add_argument("--checkpoint", default=None,
-                        help=f"checkpoint folder, or an output dir (default: best, else latest in {default_dir}/; "
-                             "a damaged one is skipped for the next good one)")
+                        help=f"checkpoint folder, or an output dir; without it, the best, else the latest in {default_dir}/ "
+                             "(a damaged one is skipped for the next good one)")
 
 
 def check_positive(args, *names):

@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; "
                                                     "'scratch' trains a small T5 from scratch")
-    a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, downloaded when "
-                                         "the hub answers, else the demo sample)")
-    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, "
-                                       "else --val-share of it)")
+    a("--train-file", default=None, help="DailyDialog training file; without it, data/dailydialog/train.txt (downloaded "
+                                         "when the hub answers), else the demo sample")
+    a("--val-file", default=None, help="validation file; without it, validation.txt beside the training file, "
+                                       "else --val-share of it")
     a("--val-share", type=finite_float, default=0.05,
       help="with no validation file, hold out this share of whole dialogues (seeded)")
     a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
