@@ -394,7 +394,7 @@ def save(state: dict, r: Run):
         saved.update(optimizer=state["optimizer"].state_dict(), rng=ckpt.rng_state(), world_size=r.world,
                      batches_per_step=r.args.grad_accum * r.world, plan=plan_key(r.args, r.train_ds))
         metrics = {"step": step, "val_loss": val, "best_val_loss": state["best_val_loss"]}
-        config = flags.run_config(r.args)
+        config = flags.run_config(r.args, len(r.tokenizer))
         path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, config,
                                     modelcard.files_for(config, metrics, step))
         best = r.out / ckpt.checkpoint_name(state["best_step"]) if state["best_step"] is not None else None

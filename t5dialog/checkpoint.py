@@ -9,7 +9,7 @@ resuming needs:
   epoch, best loss) with the optimizer, RNG states and what the batch plan
   depends on; plain tensors and numbers, loaded with
   ``torch.load(weights_only=True)`` so a tampered file cannot run code;
-- ``run_config.json``: the flags of the run;
+- ``run_config.json``: the flags of the run and its tokenizer's real vocabulary size;
 - ``manifest.json``: the sha256 of every other file, written last.
 
 Crash safety comes from the order of operations: everything is written into a

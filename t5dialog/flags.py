@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model (on a 2-core CPU it measured slower; see bench/README.md)")
     a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; 1.3x faster here)")
-    a("--scratch-vocab-size", type=int, default=8000, help="vocabulary of the tokenizer trained for --model scratch")
+    a("--scratch-vocab-size", type=int, default=8000, help="largest vocabulary of the tokenizer trained for --model scratch "
+                                                             "(a small text gives fewer tokens)")
     a("--eval-generate", type=int, default=0, help="at the end, generate for the first N validation pairs and write eval metrics")
     a("--log-examples", action="store_true", help="debug: record each step's example indices in metrics.jsonl")
     return p
@@ -126,6 +127,7 @@ def _as_recorded(value, key):
     return value
 
 
-def run_config(args) -> dict:
-    """The flags as a checkpoint records them."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+def run_config(args, tokenizer_vocab_size: int) -> dict:
+    """The flags as a checkpoint records them, and the vocabulary the run's tokenizer really has:
+    --scratch-vocab-size is a ceiling, which a small training text does not reach."""
+    return {**{k: v for k, v in vars(args).items() if k not in NOT_RECORDED}, "tokenizer_vocab_size": tokenizer_vocab_size}
