@@ -61,7 +61,7 @@ def run(argv) -> int:
     train_ds, val_ds = load_datasets(args, tokenizer)
     distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
-        lock = outdir.take(out, args.resume, lock, log)
+        lock = outdir.lock_output_dir(out, args.resume, lock, log)
     settings, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
     if saved is not None:
         restore(state, saved, settings, resume_from)
@@ -71,7 +71,7 @@ def run(argv) -> int:
                         "raise --epochs or --max-steps to train longer")
     if rank == 0:
         runlog.truncate_metrics(out, state.step)  # rows past the checkpoint (or all, starting over) are redone
-        outdir.sign(lock)
+        outdir.write_lock_holder(lock)
     runlog.banner(settings, model)
     code = fit(state, settings)
     if code == 0 and rank == 0:
