@@ -93,7 +93,7 @@ def batches_run(train_ds, argv: list[str], steps: int) -> list[list[int]]:
 def final_checkpoint(out: Path) -> Path:
     from t5dialog import checkpoint
 
-    return checkpoint.find(None, output_dir=str(out))
+    return checkpoint.choose_checkpoint(None, output_dir=str(out))
 
 
 def shared_val_loss(model, tokenizer, val_file, device) -> float:

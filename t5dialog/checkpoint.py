@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: write, verify, index and prune, find, load.
+"""Checkpoints that survive crashes: write, verify, index and prune, choose, load.
 
 A checkpoint is a folder ``checkpoint-<step>`` that Hugging Face loads as is
 (``model.safetensors``, ``config.json``, ``generation_config.json``, the
@@ -241,11 +241,11 @@ def candidates(output_dir: Path) -> list[Path]:
     return list(dict.fromkeys(named + committed[::-1]))
 
 
-def refuse(path: Path, problem: str):
+def raise_damaged(path: Path, problem: str):
     raise CheckpointError(f"checkpoint {path}: {problem}; pass another checkpoint with --checkpoint, or retrain")
 
 
-def find(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
+def choose_checkpoint(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
     """--checkpoint DIR (a checkpoint, or an output dir), else the best, else the latest good one.
 
     A damaged checkpoint named directly is an error; in an output dir it is
@@ -262,7 +262,7 @@ def find(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
     if looks_like_checkpoint(path):
         problem = problem_of(path)
         if problem:
-            refuse(path, problem)
+            raise_damaged(path, problem)
         return path
     skipped = []
     for candidate in candidates(path):

@@ -31,13 +31,13 @@ MIN_DIVISOR = 1e-3
 def load(path: Path, device, verified: bool = False):
     """Model (safetensors only, no remote code) and tokenizer of a checkpoint.
 
-    ``verified``: `checkpoint.find` already checked it (hashing a large model twice is wasted seconds).
+    ``verified``: `checkpoint.choose_checkpoint` already checked it (hashing a large model twice is wasted seconds).
     """
     from transformers.utils import logging as hf_logging
 
     problem = None if verified else ckpt.problem_of(path)
     if problem:
-        ckpt.refuse(path, problem)
+        ckpt.raise_damaged(path, problem)
     hf_logging.set_verbosity_error()  # loading reports go to our one-line errors instead
     hf_logging.disable_progress_bar()  # stderr stays quiet: a reply, or one line of error
     model, tokenizer = models.load_checkpoint(path)
@@ -55,7 +55,7 @@ def find_and_load(checkpoint, device, warn, output_dir=DEFAULT_DIR):
     while True:
         before = ckpt.list_checkpoints(folder)
         try:
-            path = ckpt.find(checkpoint, output_dir, warn=warn)
+            path = ckpt.choose_checkpoint(checkpoint, output_dir, warn=warn)
             return (path, *load(path, device, verified=True))
         except UserError:
             if ckpt.list_checkpoints(folder) == before:  # nothing moved: the problem is real
