@@ -27,7 +27,7 @@ import torch
 
 from dataset import collated_steps, load_datasets, read_dialogues, token_budget_batches
 from t5dialog import checkpoint as ckpt
-from t5dialog import datafiles, distributed, flags, modelcard, models, outdir, runlog
+from t5dialog import distributed, flags, modelcard, models, outdir, runlog, training_files
 from t5dialog.cli import UserError, run_script
 from t5dialog.files import fault
 from t5dialog.validation import validation_loss
@@ -82,10 +82,10 @@ def run(argv) -> int:
 def pick_data(args, rank: int, world: int, log) -> str:
     """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
     if rank == 0:
-        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
+        choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
-        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
+        choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
     args.train_file, args.val_file = choice.train_file, choice.val_file  # recorded in run_config.json as chosen
     for path in filter(None, (args.train_file, args.val_file)):
         read_dialogues(path)  # a bad data file fails now, not after the model has loaded

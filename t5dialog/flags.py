@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t5dialog import datafiles, models
+from t5dialog import models, training_files
 from t5dialog.cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive, finite_float, float_flag
 
 
@@ -123,7 +123,7 @@ def _as_recorded(value, key):
     """The value as a run records it: data files absolute, a model folder absolute however it was typed
     (``dir/``, ``./dir``, relative to another cwd); a hub name or 'scratch' as is."""
     if key in ("train_file", "val_file") or (key == "model" and isinstance(value, str) and Path(value).is_dir()):
-        return datafiles.absolute(value)
+        return training_files.absolute(value)
     return value
 
 

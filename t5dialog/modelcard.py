@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from t5dialog import corpus, datafiles, models
+from t5dialog import corpus_download, models, training_files
 from t5dialog.checkpoint import RUN_CONFIG, checkpoint_name
 from t5dialog.dialogues import SEPARATOR
 from t5dialog.files import read_json
@@ -42,11 +42,11 @@ def training_data(train_file) -> dict:
     if not train_file:
         return {"license": "other", "license_name": "unknown", "text": "Unknown: the run did not record its training file."}
     path = Path(train_file).resolve()
-    if path.parent == datafiles.SAMPLE_DATA:
+    if path.parent == training_files.SAMPLE_DATA:
         return {"license": "other", "license_name": "project-demo-sample",
                 "text": "the demo sample shipped with the code (data/sample): short dialogues written for the project, "
                         "free to use with its code. A demo, enough to see the pipeline work; not a useful chat model."}
-    info = read_json(path.parent / corpus.MANIFEST)  # written beside a verified corpus
+    info = read_json(path.parent / corpus_download.MANIFEST)  # written beside a verified corpus
     if "roskoN/dailydialog" in str(info.get("source", "")):
         return dailydialog
     return {"license": "other", "license_name": "unknown",

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 import dataset
 from t5dialog import checkpoint as ckpt
-from t5dialog import corpus, generation, modelcard
+from t5dialog import corpus_download, generation, modelcard
 
 
 def strict_json(path):
@@ -41,7 +41,7 @@ def corpus_dir(tmp_path):
     d = tmp_path / "dailydialog"
     d.mkdir()
     (d / "train.txt").write_text(SAMPLE.joinpath("train.txt").read_text())
-    (d / corpus.MANIFEST).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
+    (d / corpus_download.MANIFEST).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
     return d
 
 
@@ -63,7 +63,7 @@ def test_card_for_a_named_model_on_the_corpus(corpus_dir):
 
 
 def test_card_for_a_user_file_says_the_license_is_unknown(corpus_dir, tmp_path):
-    (corpus_dir / corpus.MANIFEST).unlink()  # the same text, but nothing says where it came from
+    (corpus_dir / corpus_download.MANIFEST).unlink()  # the same text, but nothing says where it came from
     text = modelcard.model_card({"model": "google/flan-t5-small", "train_file": str(corpus_dir / "train.txt")}, None, 7)
     meta = card_metadata(text)
     assert meta["license"] == "other" and meta["license_name"] == "unknown"

@@ -1,4 +1,6 @@
-"""The DailyDialog corpus: fetch it from the hub, verify it, extract it.
+"""Downloading the DailyDialog corpus from the Hugging Face hub: fetch, verify, extract into data/dailydialog.
+
+training_files.py picks which files a training run uses; dataset.py reads one into examples.
 
 Source: the Hugging Face dataset repo roskoN/dailydialog, which holds the
 original files of Li et al. (IJCNLP 2017) as train.zip / validation.zip /
