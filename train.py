@@ -246,7 +246,7 @@ def restore(state, saved: dict, settings: Settings, checkpoint: Path):
         state.epoch, state.batch = state.epoch + 1, 0
     if before != now:
         settings.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
-              f"{state.batch} of epoch {state.epoch + 1}, step numbers going on from {state.step}")
+                     f"{state.batch} of epoch {state.epoch + 1}, step numbers going on from {state.step}")
     state.step_offset = 0
     if not args.max_steps:  # an epoch run: this run's steps to the same point of the data
         here = sum(len(epoch_plan(settings.train_ds, args, e, settings.world)) for e in range(state.epoch))
@@ -255,7 +255,7 @@ def restore(state, saved: dict, settings: Settings, checkpoint: Path):
     if settings.rank > 0:  # other ranks: their own dropout noise
         torch.manual_seed(distributed.dropout_seed(args.seed, settings.rank, state.step))
     settings.log(f"resuming from {checkpoint.name}: step {state.step}, epoch {state.epoch + 1}, "
-          f"batch {state.batch} of it")
+                 f"batch {state.batch} of it")
 
 
 # ---------------------------------------------------------------- the loop
