@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import DailyDialogDataset, collate, encode_history, read_dialogues
+from dataset import DailyDialogDataset, encode_history, read_dialogues
 from t5dialog import checkpoint as ckpt
 from t5dialog import cli
 from t5dialog.cli import OneLineParser, UserError, check_positive, pick_device, run_script
@@ -45,14 +45,15 @@ from t5dialog.generation import (
     max_input_length,
 )
 from t5dialog.metrics import compute_metrics, format_table, perplexity
-from t5dialog.models import autocast, resolve_precision, set_math_mode, to_device, token_loss_sum
+from t5dialog.models import autocast, resolve_precision, set_math_mode
+from t5dialog.validation import target_nll
 
 warn = functools.partial(cli.warn, "eval.py")
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
 
 
-# ---------------------------------------------------------------- generation and perplexity
+# ---------------------------------------------------------------- generation
 
 
 def generate_all(histories: list[list[str]], model, tokenizer, device, max_length: int = 512,
@@ -80,24 +81,6 @@ def generate_all(histories: list[list[str]], model, tokenizer, device, max_lengt
     return responses
 
 
-@torch.no_grad()
-def target_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = BATCH_SIZE) -> tuple[float, int]:
-    """(summed negative log-likelihood, number of target tokens), teacher-forced.
-
-    ``examples`` are `DailyDialogDataset` items; the loss is training's own
-    `models.token_loss_sum`, so this is the validation loss of train.py
-    without its per-token division.
-    """
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    nll, tokens = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = to_device(collate([examples[i] for i in order[start : start + batch_size]], pad_id), device)
-        nll += token_loss_sum(model, batch).item()
-        tokens += int((batch["labels"] != -100).sum())
-    return nll, tokens
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -105,11 +88,11 @@ def build_parser():
     p = OneLineParser(prog="eval.py", description="Generate a reply for every DailyDialog pair of a file and score them.")
     cli.add_checkpoint_arg(p, DEFAULT_DIR)
     p.add_argument("--data", required=True, help="DailyDialog file to evaluate on, e.g. data/dailydialog/validation.txt")
-    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file (default: all)")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N pairs of the file; without it, all")
     p.add_argument("--out", default=None,
-                   help="folder for report.json and samples.jsonl (default: eval/<checkpoint name> beside the checkpoint, "
+                   help="folder for report.json and samples.jsonl; without it, eval/<checkpoint name> beside the checkpoint, "
                         f"e.g. {DEFAULT_DIR}/eval/checkpoint-00001000; not inside it, since a running train.py deletes "
-                        "old checkpoint folders with all they hold)")
+                        "old checkpoint folders with all they hold")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="pairs per generation (and perplexity) batch")
     cli.add_device_arg(p)
     cli.add_precision_arg(p)
@@ -168,8 +151,10 @@ def run(argv) -> int:
     pairs, examples = ds.pairs[:n], ds.examples[:n]
     print(f"evaluating {path} on {n:,} of {len(ds):,} pairs of {args.data} (device {device}, {precision})", flush=True)
 
+    order = sorted(range(n), key=lambda i: len(examples[i]["input_ids"]))  # similar lengths pad little
+    batches = [order[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
+    nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, batches, device, precision)
     with autocast(device, precision):
-        nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, device, args.batch_size)
         torch.manual_seed(args.seed)
         responses = generate_all([history for history, _ in pairs], model, tokenizer, device, max_length, args.batch_size,
                                  **options)

@@ -21,6 +21,7 @@ import torch
 from dataset import as_text, encode_history
 from t5dialog import cli
 from t5dialog.cli import OneLineParser, UserError, pick_device, run_script
+from t5dialog.dialogues import check_prompt
 from t5dialog.generation import (
     DEFAULT_DIR,
     add_generation_args,
@@ -133,9 +134,7 @@ def build_parser():
 def run(argv) -> int:
     args = build_parser().parse_args(argv)
     options = generation_options(args)
-    prompt = None if args.prompt is None else as_text(args.prompt)
-    if prompt is not None and not prompt.strip():
-        raise UserError("empty prompt: give some text, e.g. python infer.py \"How are you?\"")
+    prompt = None if args.prompt is None else check_prompt(as_text(args.prompt))  # refused before the model loads
     server = serve.open_server(args, prompt)  # None without --serve; bound before the load, so a busy port fails fast
     # A closed stream (`<&-`, `>&-`) is None in Python: replies printed to it vanish with exit code 0, and
     # reading it is an AttributeError. Said before the model loads.

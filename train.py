@@ -6,10 +6,11 @@
     torchrun --nproc_per_node 2 train.py ...      # data parallel, same checkpoints
 
 Top to bottom: `run`, a table of contents (output dir, data, model, state,
-restore, fit, finish) -> `fit`, the loop, with `train_step`, `evaluate`,
+restore, fit, finish) -> `fit`, the loop, with `train_step`, `validate`,
 logging and `save` beside it. The flags live in flags.py, checkpoints in
-checkpoint.py (atomic, verified). A checkpoint saves the loop's counters
-(SAVED) with the optimizer and RNG states; `--resume` loads them in `restore`.
+checkpoint.py (atomic, verified), the validation loss in validation.py. A
+checkpoint saves the loop's counters (`TrainingState`, SAVED) with the
+optimizer and RNG states; `--resume` loads them in `restore`.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from dataset import collate, collated_steps, load_datasets, read_dialogues, token_budget_batches
+from dataset import collated_steps, load_datasets, read_dialogues, token_budget_batches
 from t5dialog import checkpoint as ckpt
-from t5dialog import datafiles, distributed, flags, modelcard, models, outdir, runlog
+from t5dialog import distributed, flags, modelcard, models, outdir, runlog, training_files
 from t5dialog.cli import UserError, run_script
 from t5dialog.faults import fault
+from t5dialog.validation import validation_loss
 
 ROOT = Path(__file__).resolve().parent
-SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the state a checkpoint carries
 
 
 def main(argv=None) -> int:
@@ -60,31 +61,31 @@ def run(argv) -> int:
     train_ds, val_ds = load_datasets(args, tokenizer)
     distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
-        lock = outdir.take(out, args.resume, lock, log)
-    r, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
+        lock = outdir.lock_output_dir(out, args.resume, lock, log)
+    settings, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
     if saved is not None:
-        restore(state, saved, r, resume_from)
-    r = replace(r, total_steps=total_steps(args, train_ds, world) + state["step_offset"])
-    if saved is not None and state["step"] >= r.total_steps:
-        raise UserError(f"{resume_from.name} is already at step {state['step']} of {r.total_steps}: nothing to resume; "
+        restore(state, saved, settings, resume_from)
+    settings = replace(settings, total_steps=total_steps(args, train_ds, world) + state.step_offset)
+    if saved is not None and state.step >= settings.total_steps:
+        raise UserError(f"{resume_from.name} is already at step {state.step} of {settings.total_steps}: nothing to resume; "
                         "raise --epochs or --max-steps to train longer")
     if rank == 0:
-        runlog.truncate_metrics(out, state["step"])  # rows past the checkpoint (or all, starting over) are redone
-        outdir.sign(lock)
-    runlog.banner(r, model)
-    code = fit(state, r)
+        runlog.truncate_metrics(out, state.step)  # rows past the checkpoint (or all, starting over) are redone
+        outdir.write_lock_holder(lock)
+    runlog.banner(settings, model)
+    code = fit(state, settings)
     if code == 0 and rank == 0:
-        finish(state, r)
+        finish(state, settings)
     return code
 
 
 def pick_data(args, rank: int, world: int, log) -> str:
     """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
     if rank == 0:
-        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
+        choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
-        choice = datafiles.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
+        choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
     args.train_file, args.val_file = choice.train_file, choice.val_file  # recorded in run_config.json as chosen
     for path in filter(None, (args.train_file, args.val_file)):
         read_dialogues(path)  # a bad data file fails now, not after the model has loaded
@@ -106,7 +107,7 @@ def load_model(args, typed: set[str], resume_from: Path | None, log):
 
 
 @dataclass(frozen=True)
-class Run:
+class Settings:
     """What stays fixed while `fit` runs: flags, data, device, ranks, and the model as the loop calls it."""
 
     args: object
@@ -123,23 +124,39 @@ class Run:
     total_steps: int = 0
 
 
+SAVED = ("step", "epoch", "batch", "best_val_loss", "best_step")  # the counters a checkpoint carries
+
+
+@dataclass
+class TrainingState:
+    """What changes while `fit` runs: the SAVED counters, which checkpoints carry, and bookkeeping never saved."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    # Saved (SAVED):
+    step: int = 0  # optimizer steps taken; a resumed run counts on
+    epoch: int = 0  # the epoch under way, from 0
+    batch: int = 0  # that epoch's batches done, all ranks together
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    # Never saved:
+    step_offset: int = 0  # step number - the schedule's step (an epoch run resumed with another step size)
+    saved_step: int | None = None  # the step of the last checkpoint this process wrote or resumed from
+    val_at: dict[int, float] = field(default_factory=dict)  # step -> validation loss measured at that step
+    first_bad_step: torch.Tensor | None = None  # on the device: the first step with a non-finite loss or gradient, or inf
+
+
 def setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds):
-    """The fixed `Run` and a fresh `state`: the model on its device, wrapped for DDP and compile, and its optimizer."""
+    """The fixed `Settings` and a fresh `state`: the model on its device, wrapped for DDP and compile, and its optimizer."""
     torch.manual_seed(distributed.dropout_seed(args.seed, rank, 0))
     random.seed(args.seed)
     model = models.prepare_for_training(model, device, precision, args.attention, args.fast_dropout)
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.compile:  # after DDP, so gradient all-reduce overlaps the compiled backward
         forward = torch.compile(forward)
-    r = Run(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward)
-    state = {"model": model, "optimizer": make_optimizer(model, args, device), "step": 0, "epoch": 0, "batch": 0,
-             "best_val_loss": None, "best_step": None,
-             # The loop's own bookkeeping, never saved:
-             "step_offset": 0,  # step number - the schedule's step (an epoch run resumed with another step size)
-             "saved_step": None,  # the step of the last checkpoint this process wrote or resumed from
-             "val_at": {},  # step -> validation loss measured at that step
-             "first_bad_step": torch.full((), math.inf, device=device)}  # first step with a non-finite loss or gradient
-    return r, state
+    settings = Settings(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward)
+    state = TrainingState(model, make_optimizer(model, args, device), first_bad_step=torch.full((), math.inf, device=device))
+    return settings, state
 
 
 # ---------------------------------------------------------------- data
@@ -199,7 +216,7 @@ def lr_at(step: int, offset: int, args, total: int) -> float:
     return args.lr * lr_factor(step, int(args.warmup_ratio * total), total)
 
 
-def restore(state, saved: dict, r: Run, checkpoint: Path):
+def restore(state, saved: dict, settings: Settings, checkpoint: Path):
     """Load a checkpoint's training state into ``state`` (flags typed with --resume were merged by flags.py).
 
     The run goes on at the same batch of the same epoch, and step numbers go on
@@ -210,84 +227,84 @@ def restore(state, saved: dict, r: Run, checkpoint: Path):
     the data (``step_offset`` is the difference), so the rate at a given point
     of the data stays the same.
     """
-    args = r.args
-    state["optimizer"].load_state_dict(saved["optimizer"])
-    fused = r.device.type == "cuda"
-    for group, decay in zip(state["optimizer"].param_groups, (args.weight_decay, 0.0), strict=True):
+    args = settings.args
+    state.optimizer.load_state_dict(saved["optimizer"])
+    fused = settings.device.type == "cuda"
+    for group, decay in zip(state.optimizer.param_groups, (args.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, fused=fused, foreach=not fused)  # this run's settings, not the saved ones
-    before, now = saved["batches_per_step"], args.grad_accum * r.world
-    state.update({k: saved[k] for k in SAVED}, saved_step=saved["step"])
+    before, now = saved["batches_per_step"], args.grad_accum * settings.world
+    for k in SAVED:
+        setattr(state, k, saved[k])
+    state.saved_step = saved["step"]
     batch, recorded = saved["batch"], saved["plan"]
-    if batch > 0 and recorded != plan_key(args, r.train_ds):
-        changed = ", ".join(k for k in recorded if recorded[k] != plan_key(args, r.train_ds).get(k))
+    if batch > 0 and recorded != plan_key(args, settings.train_ds):
+        changed = ", ".join(k for k in recorded if recorded[k] != plan_key(args, settings.train_ds).get(k))
         raise UserError(f"{checkpoint.name} stopped mid-epoch and its batch plan no longer matches ({changed} changed): "
                         "resume with the same training file and --max-tokens/--max-length/--max-target-length, "
                         "or resume from a checkpoint saved at an epoch end")
-    if not epoch_plan(r.train_ds, args, state["epoch"], r.world, start=batch):  # the epoch was done
-        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    if not epoch_plan(settings.train_ds, args, state.epoch, settings.world, start=batch):  # the epoch was done
+        state.epoch, state.batch = state.epoch + 1, 0
     if before != now:
-        r.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
-              f"{state['batch']} of epoch {state['epoch'] + 1}, step numbers going on from {state['step']}")
-    state["step_offset"] = 0
+        settings.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
+                     f"{state.batch} of epoch {state.epoch + 1}, step numbers going on from {state.step}")
+    state.step_offset = 0
     if not args.max_steps:  # an epoch run: this run's steps to the same point of the data
-        here = sum(len(epoch_plan(r.train_ds, args, e, r.world)) for e in range(state["epoch"]))
-        state["step_offset"] = state["step"] - here - ceil_div(state["batch"], now)
+        here = sum(len(epoch_plan(settings.train_ds, args, e, settings.world)) for e in range(state.epoch))
+        state.step_offset = state.step - here - math.ceil(state.batch / now)  # this epoch's batches done, in steps
     ckpt.set_rng_state(saved["rng"])
-    if r.rank > 0:  # other ranks: their own dropout noise
-        torch.manual_seed(distributed.dropout_seed(args.seed, r.rank, state["step"]))
-    r.log(f"resuming from {checkpoint.name}: step {state['step']}, epoch {state['epoch'] + 1}, "
-          f"batch {state['batch']} of it")
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+    if settings.rank > 0:  # other ranks: their own dropout noise
+        torch.manual_seed(distributed.dropout_seed(args.seed, settings.rank, state.step))
+    settings.log(f"resuming from {checkpoint.name}: step {state.step}, epoch {state.epoch + 1}, "
+                 f"batch {state.batch} of it")
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def fit(state: dict, r: Run) -> int:
-    """Train until r.total_steps; returns the exit code (128 + signal when stopped by one)."""
+def fit(state: TrainingState, settings: Settings) -> int:
+    """Train until settings.total_steps; returns the exit code (128 + signal when stopped by one)."""
     from tqdm import tqdm
 
-    args, stop = r.args, distributed.StopFlag()
-    window = {"loss": torch.zeros((), device=r.device), "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
-    state["model"].train()
-    with tqdm(total=r.total_steps, initial=state["step"], desc="training", unit="step", disable=r.rank != 0,
+    args, stop = settings.args, distributed.StopFlag()
+    window = {"loss": torch.zeros((), device=settings.device), "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
+    state.model.train()
+    with tqdm(total=settings.total_steps, initial=state.step, desc="training", unit="step", disable=settings.rank != 0,
               dynamic_ncols=True) as bar:
         try:
-            while state["step"] < r.total_steps:
-                steps = epoch_plan(r.train_ds, args, state["epoch"], r.world, start=state["batch"])
-                epoch_end = state["batch"] + sum(len(s) for s in steps)  # the epoch's batch count
-                for step_batches, batches in collated_steps(steps, r.train_ds, r.rank, r.world, r.device):
-                    loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, r, step_batches, batches)
-                    state["step"] += 1
-                    state["batch"] += len(step_batches)
-                    end_of_epoch = state["batch"] == epoch_end
+            while state.step < settings.total_steps:
+                steps = epoch_plan(settings.train_ds, args, state.epoch, settings.world, start=state.batch)
+                epoch_end = state.batch + sum(len(s) for s in steps)  # the epoch's batch count
+                for step_batches, batches in collated_steps(steps, settings.train_ds, settings.rank, settings.world,
+                                                            settings.device):
+                    loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, settings, step_batches, batches)
+                    state.step += 1
+                    state.batch += len(step_batches)
+                    end_of_epoch = state.batch == epoch_end
                     if end_of_epoch:  # a finished epoch resumes at the next one
-                        state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                    last = state["step"] == r.total_steps
+                        state.epoch, state.batch = state.epoch + 1, 0
+                    last = state.step == settings.total_steps
                     window["loss"] += loss_sum / step_tokens  # this rank's share of the step's mean token loss
                     window["real_tokens"] += real_tokens
                     window["steps"] += 1
                     bar.update(1)
-                    if state["step"] % args.log_every == 0 or last:
-                        log_window(state, r, window, grad_norm, bar, step_batches)
+                    if state.step % args.log_every == 0 or last:
+                        log_window(state, settings, window, grad_norm, bar, step_batches)
                     elif args.log_examples:
-                        record(r, {"step": state["step"], "examples": [i for b in step_batches for i in b]})
-                    if state["step"] % args.eval_every == 0 or end_of_epoch or last:
-                        validate(state, r, bar)
+                        record(settings, {"step": state.step, "examples": [i for b in step_batches for i in b]})
+                    if state.step % args.eval_every == 0 or end_of_epoch or last:
+                        validate(state, settings, bar)
                     # Under torchrun the ranks agree on signals (a host sync) at logging boundaries only.
-                    boundary = r.world == 1 or state["step"] % args.log_every == 0 or end_of_epoch or last
-                    signum, snapshot = stop.poll(r.device, r.world) if boundary else (None, False)
-                    if state["step"] % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
-                        save(state, r)
-                    if snapshot and not signum and r.rank == 0:
-                        bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state['step'])}; "
+                    boundary = settings.world == 1 or state.step % args.log_every == 0 or end_of_epoch or last
+                    signum, snapshot = stop.poll(settings.device, settings.world) if boundary else (None, False)
+                    if state.step % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
+                        save(state, settings)
+                    if snapshot and not signum and settings.rank == 0:
+                        bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state.step)}; "
                                   "training goes on")
                     if signum:
                         bar.close()
-                        r.log(f"stopped by {stop.name(signum)} at step {state['step']}; checkpoint saved, continue with --resume")
+                        settings.log(f"stopped by {stop.name(signum)} at step {state.step}; checkpoint saved, "
+                                     "continue with --resume")
                         return 128 + signum
                     if end_of_epoch or last:
                         break
@@ -296,32 +313,33 @@ def fit(state: dict, r: Run) -> int:
     return 0
 
 
-def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list[dict]):
+def train_step(state: TrainingState, settings: Settings, step_batches: list[list[int]], batches: list[dict]):
     """Forward/backward over this rank's micro-batches, then one AdamW step.
 
     The loss is normalised by the target tokens of the whole step on all
     ranks (known from the plan, no communication needed), so accumulation and
     data parallelism give the gradient of one big batch.
     """
-    ds, optimizer = r.train_ds, state["optimizer"]
+    ds, optimizer = settings.train_ds, state.optimizer
     step_tokens = sum(ds.tgt_lengths[i] for b in step_batches for i in b)  # targets: what the loss averages over
     real_tokens = sum(ds.src_lengths[i] + ds.tgt_lengths[i] for b in step_batches for i in b)  # non-pad, all ranks
-    loss_sum = torch.zeros((), device=r.device)
+    loss_sum = torch.zeros((), device=settings.device)
     for k, batch in enumerate(batches):
-        batch = models.to_device(batch, r.device)
-        sync = k == len(batches) - 1 or r.world == 1  # DDP: all-reduce gradients on the last micro-batch only
-        with r.forward.no_sync() if not sync else contextlib.nullcontext(), models.autocast(r.device, r.precision):
-            loss = models.token_loss_sum(r.forward, batch)
-        (loss * r.world / step_tokens).backward()  # DDP averages over ranks; we want the sum
+        batch = models.to_device(batch, settings.device)
+        sync = k == len(batches) - 1 or settings.world == 1  # DDP: all-reduce gradients on the last micro-batch only
+        no_sync = settings.forward.no_sync() if not sync else contextlib.nullcontext()
+        with no_sync, models.autocast(settings.device, settings.precision):
+            loss = models.token_loss_sum(settings.forward, batch)
+        (loss * settings.world / step_tokens).backward()  # DDP averages over ranks; we want the sum
         loss_sum += loss.detach()
-    fault("mid_step", state["step"] + 1)
+    fault("mid_step", state.step + 1)
     # 0 disables clipping; the norm is still measured for the log.
-    grad_norm = torch.nn.utils.clip_grad_norm_(state["model"].parameters(), r.args.max_grad_norm or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), settings.args.max_grad_norm or math.inf)
     # Remember the first step whose loss or gradient is not finite, without waiting for the device: a nan
     # gradient turns every weight nan at optimizer.step even when the loss itself was finite.
-    first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(state["first_bad_step"])
-    state["first_bad_step"] = torch.where(first, float(state["step"] + 1), state["first_bad_step"])
-    lr = lr_at(state["step"], state["step_offset"], r.args, r.total_steps)
+    first = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)) & torch.isinf(state.first_bad_step)
+    state.first_bad_step = torch.where(first, float(state.step + 1), state.first_bad_step)
+    lr = lr_at(state.step, state.step_offset, settings.args, settings.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -329,115 +347,101 @@ def train_step(state: dict, r: Run, step_batches: list[list[int]], batches: list
     return loss_sum, step_tokens, real_tokens, grad_norm
 
 
-@torch.no_grad()
-def evaluate(model, dataset, max_tokens: int, device, rank: int = 0, world: int = 1, precision: str = "fp32") -> float:
-    """Validation loss per target token, summed over ranks before dividing."""
-    model.eval()
-    batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for b in batches:
-        batch = models.to_device(collate([dataset.examples[i] for i in b], dataset.pad_id), device)
-        with models.autocast(device, precision):
-            totals[0] += models.token_loss_sum(model, batch).double()
-        totals[1] += (batch["labels"] != -100).sum()
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    model.train()
-    return (totals[0] / totals[1]).item()
-
-
-def validate(state: dict, r: Run, bar):
-    step = state["step"]
-    if step in state["val_at"]:
+def validate(state: TrainingState, settings: Settings, bar):
+    step = state.step
+    if step in state.val_at:
         return
-    loss = evaluate(state["model"], r.val_ds, r.args.max_tokens, r.device, r.rank, r.world, r.precision)
-    state["val_at"][step] = loss
-    record(r, {"step": step, "epoch": state["epoch"], "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
-    if r.rank == 0:
-        bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f}")
-        runlog.plot_losses(r.out, at_most_every=runlog.PLOT_EVERY_S)  # the curves so far, for whoever watches
+    loss = validation_loss(state.model, settings.val_ds, settings.args.max_tokens, settings.device, settings.rank,
+                           settings.world, settings.precision)
+    state.val_at[step] = loss
+    from t5dialog.metrics import perplexity  # here: its text metrics' imports cost half a second at every start
+    record(settings, {"step": step, "epoch": state.epoch, "val_loss": loss, "val_ppl": perplexity(loss)})
+    if settings.rank == 0:
+        bar.write(f"step {step}: validation loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+        runlog.plot_losses(settings.out, at_most_every=runlog.PLOT_EVERY_S)  # the curves so far, for whoever watches
 
 
-def log_window(state: dict, r: Run, window: dict, grad_norm, bar, step_batches):
+def log_window(state: TrainingState, settings: Settings, window: dict, grad_norm, bar, step_batches):
     """The only place the loop waits for the device (.item()): once per --log-every steps."""
     total = window["loss"].clone()
-    if r.world > 1:
+    if settings.world > 1:
         torch.distributed.all_reduce(total)  # add up the ranks' shares
     loss = total.item() / window["steps"]  # waits for the queued steps, so the time below counts all of them
     elapsed = time.perf_counter() - window["start"]
-    lr = lr_at(state["step"] - 1, state["step_offset"], r.args, r.total_steps)  # the rate this step used
-    row = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+    lr = lr_at(state.step - 1, state.step_offset, settings.args, settings.total_steps)  # the rate this step used
+    row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
            "tokens_per_s": window["real_tokens"] / max(elapsed, 1e-9), "real_tokens": window["real_tokens"],
            "seconds": elapsed}
-    if r.args.log_examples:
+    if settings.args.log_examples:
         row["examples"] = [i for b in step_batches for i in b]
-    record(r, row)
-    check_finite(state, r)
+    record(settings, row)
+    check_finite(state, settings)
     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-    window.update(loss=torch.zeros((), device=r.device), real_tokens=0, start=time.perf_counter(), steps=0)
+    window.update(loss=torch.zeros((), device=settings.device), real_tokens=0, start=time.perf_counter(), steps=0)
 
 
-def check_finite(state: dict, r: Run):
+def check_finite(state: TrainingState, settings: Settings):
     """Stop at the first non-finite loss, before anything is saved from it (a host sync: logging and saving only)."""
-    bad = state["first_bad_step"].clone()
-    if r.world > 1:
+    bad = state.first_bad_step.clone()
+    if settings.world > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
     if math.isfinite(bad.item()):
-        latest = ckpt.read_index(r.out).get("latest")
+        latest = ckpt.read_index(settings.out).get("latest")
         kept = f"the last good checkpoint ({latest}) is kept" if latest else "no checkpoint was saved"
         raise UserError(f"step {int(bad.item())}: the training loss or its gradient is not finite (nan or inf); {kept}: "
-                        f"lower --lr (now {r.args.lr:g}) or raise --warmup-ratio, and start again")
+                        f"lower --lr (now {settings.args.lr:g}) or raise --warmup-ratio, and start again")
 
 
-def record(r: Run, row: dict):
-    if r.rank == 0:
-        runlog.append(r.out, row)
+def record(settings: Settings, row: dict):
+    if settings.rank == 0:
+        runlog.append(settings.out, row)
 
 
-def save(state: dict, r: Run):
+def save(state: TrainingState, settings: Settings):
     """Commit checkpoint-<step> (rank 0 writes, everyone waits), then point checkpoints.json at it."""
-    step = state["step"]
-    if state["saved_step"] == step:
+    step = state.step
+    if state.saved_step == step:
         return
-    check_finite(state, r)
-    if r.rank == 0:
-        val = state["val_at"].get(step)
-        if val is not None and math.isfinite(val) and (state["best_val_loss"] is None or val < state["best_val_loss"]):
-            state["best_val_loss"], state["best_step"] = val, step
-        saved = {k: state[k] for k in SAVED}
-        saved.update(optimizer=state["optimizer"].state_dict(), rng=ckpt.rng_state(), world_size=r.world,
-                     batches_per_step=r.args.grad_accum * r.world, plan=plan_key(r.args, r.train_ds))
-        metrics = {"step": step, "val_loss": val, "best_val_loss": state["best_val_loss"]}
-        config = flags.run_config(r.args)
-        path = ckpt.save_checkpoint(r.out, step, state["model"], r.tokenizer, saved, config,
-                                    modelcard.files_for(state["model"], config, metrics, step))
-        best = r.out / ckpt.checkpoint_name(state["best_step"]) if state["best_step"] is not None else None
-        ckpt.update_index_and_prune(r.out, path, best, state["best_val_loss"], r.args.keep)
-    state["saved_step"] = step
-    distributed.barrier(r.world)  # nobody reads a half-written checkpoint
+    check_finite(state, settings)
+    if settings.rank == 0:
+        val = state.val_at.get(step)
+        if val is not None and math.isfinite(val) and (state.best_val_loss is None or val < state.best_val_loss):
+            state.best_val_loss, state.best_step = val, step
+        saved = {k: getattr(state, k) for k in SAVED}
+        saved.update(optimizer=state.optimizer.state_dict(), rng=ckpt.rng_state(), world_size=settings.world,
+                     batches_per_step=settings.args.grad_accum * settings.world, plan=plan_key(settings.args, settings.train_ds))
+        metrics = {"step": step, "val_loss": val, "best_val_loss": state.best_val_loss}
+        config = flags.run_config(settings.args, len(settings.tokenizer))
+        path = ckpt.save_checkpoint(settings.out, step, state.model, settings.tokenizer, saved, config,
+                                    modelcard.files_for(config, metrics, step))
+        best = settings.out / ckpt.checkpoint_name(state.best_step) if state.best_step is not None else None
+        ckpt.update_index_and_prune(settings.out, path, best, state.best_val_loss, settings.args.keep)
+    state.saved_step = step
+    distributed.barrier(settings.world)  # nobody reads a half-written checkpoint
 
 
 # ---------------------------------------------------------------- reporting
 
 
-def finish(state: dict, r: Run):
+def finish(state: TrainingState, settings: Settings):
     """The loss plot, a summary line, and --eval-generate (eval.py, in its own process)."""
-    runlog.plot_losses(r.out)
-    index = ckpt.read_index(r.out)
-    best = f"best validation loss {index['best_val_loss']:.4f} in {r.out / index['best']}" if index.get("best") else \
+    args, out, log = settings.args, settings.out, settings.log
+    runlog.plot_losses(out)
+    index = ckpt.read_index(out)
+    best = f"best validation loss {index['best_val_loss']:.4f} in {out / index['best']}" if index.get("best") else \
         "no validation loss recorded"
-    r.log(f"done: {state['step']} steps; {best}; latest {r.out / index['latest']}; curves in {r.out / 'loss.png'}")
-    if r.args.eval_generate and not r.args.val_file:
-        r.log("--eval-generate skipped: it needs a validation file (--val-file), not held-out dialogues")
-    elif r.args.eval_generate:
+    log(f"done: {state.step} steps; {best}; latest {out / index['latest']}; curves in {out / 'loss.png'}")
+    if args.eval_generate and not args.val_file:
+        log("--eval-generate skipped: it needs a validation file (--val-file), not held-out dialogues")
+    elif args.eval_generate:
         import subprocess
 
-        checkpoint = r.out / (index.get("best") or index["latest"])
-        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", r.args.val_file,
-                   "--max-examples", str(r.args.eval_generate), "--device", str(r.device), "--precision", r.precision]
+        checkpoint = out / (index.get("best") or index["latest"])
+        command = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint), "--data", args.val_file,
+                   "--max-examples", str(args.eval_generate), "--device", str(settings.device), "--precision", settings.precision]
         code = subprocess.call(command)
         if code:
-            r.log(f"generation eval failed with exit code {code}")
+            log(f"generation eval failed with exit code {code}")
 
 
 if __name__ == "__main__":

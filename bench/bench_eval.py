@@ -65,7 +65,7 @@ def run(argv) -> int:
 
     hf_logging.disable_progress_bar()
     if args.model:
-        path = checkpoint.find(args.model)
+        path = checkpoint.choose_checkpoint(args.model)
         model, tokenizer = generation.load(path, device)
         max_length, name = generation.max_input_length(path), str(path)
     else:

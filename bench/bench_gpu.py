@@ -30,7 +30,7 @@ which carries start-up and compilation. MFU is 3x the analytic forward FLOPs
 of the epoch's real tokens per second, over the card's dense bf16 peak
 (benchlib.GPU_PEAKS; unknown cards: a measured bf16 torch.mm rate). Peak
 memory is torch.cuda.max_memory_allocated of the arm's own process (peak RSS
-on a CPU). Validation loss: one function for every arm (train.evaluate in
+on a CPU). Validation loss: one function for every arm (validation.validation_loss in
 fp32 on the validation file, fixed token budget).
 """
 

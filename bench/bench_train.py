@@ -25,7 +25,7 @@ the sums of the logging windows in metrics.jsonl (validation and checkpoint
 writes lie outside them; --eval-every/--save-every are set past the run),
 its batches are train.epoch_plan's, and its model is the checkpoint it saved.
 Validation loss of every arm comes from one function (benchlib.shared_val_loss:
-train.evaluate with a fixed token budget on the same validation slice).
+validation.validation_loss, as train.py validates, with a fixed token budget on the same validation slice).
 Real tokens = non-pad input + target tokens; padding efficiency = real /
 processed (padded) tokens, counted on the batches each arm actually ran.
 MFU = analytic model FLOPs of the real tokens (6 x params touched per token +

@@ -93,21 +93,22 @@ def batches_run(train_ds, argv: list[str], steps: int) -> list[list[int]]:
 def final_checkpoint(out: Path) -> Path:
     from t5dialog import checkpoint
 
-    return checkpoint.find(None, output_dir=str(out))
+    return checkpoint.choose_checkpoint(None, output_dir=str(out))
 
 
 def shared_val_loss(model, tokenizer, val_file, device) -> float:
-    """The one validation loss every arm reports: train.evaluate, fp32, dropout off, a fixed token budget."""
+    """The one validation loss every arm reports: train.py's (validation.validation_loss), fp32, dropout off, a fixed
+    token budget."""
     import torch
 
-    import train
     from dataset import DailyDialogDataset
+    from t5dialog.validation import validation_loss
 
     if device.type == "cuda":  # strict fp32 whatever the arm's training left set
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     ds = DailyDialogDataset(tokenizer, val_file)
-    return train.evaluate(model.to(device), ds, EVAL_MAX_TOKENS, device)
+    return validation_loss(model.to(device), ds, EVAL_MAX_TOKENS, device)
 
 
 def load_model(model_dir):

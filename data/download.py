@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch, verify and extract the DailyDialog corpus (see corpus.py for what is checked).
+"""Fetch, verify and extract the DailyDialog corpus (see t5dialog/corpus_download.py for what is checked).
 
     python data/download.py [--out DIR] [--revision REV] [--dedupe] [--force]
                             [--from-dir DIR]
@@ -19,16 +19,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from t5dialog import corpus  # noqa: E402
+from t5dialog import corpus_download  # noqa: E402
 from t5dialog.cli import OneLineParser, run_script  # noqa: E402
 
 
 def build_parser():
     p = OneLineParser(prog="download.py",
                       description="Download DailyDialog (roskoN/dailydialog on the Hugging Face hub), verify it "
-                                  "and extract {train,validation,test}.txt. " + corpus.LICENSE)
-    p.add_argument("--out", type=Path, default=corpus.DEFAULT_OUT, help="output directory")
-    p.add_argument("--revision", default=corpus.REVISION, help="revision of the dataset repo")
+                                  "and extract {train,validation,test}.txt. " + corpus_download.LICENSE)
+    p.add_argument("--out", type=Path, default=corpus_download.DEFAULT_OUT, help="output directory")
+    p.add_argument("--revision", default=corpus_download.REVISION, help="revision of the dataset repo")
     p.add_argument("--dedupe", action="store_true",
                    help="drop training dialogues that also occur in the test split "
                         "(identical after whitespace normalisation)")
@@ -42,7 +42,7 @@ def build_parser():
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    corpus.download(args.out, revision=args.revision, dedupe=args.dedupe, force=args.force, from_dir=args.from_dir)
+    corpus_download.download(args.out, revision=args.revision, dedupe=args.dedupe, force=args.force, from_dir=args.from_dir)
     return 0
 
 

@@ -14,19 +14,24 @@ import torch
 
 
 def collate(examples: list[dict], pad_id: int, src_length: int = 0, tgt_length: int = 0) -> dict:
-    """Pad a batch to its own longest input and target (labels with -100), or to the given lengths if longer."""
+    """Pad a batch to its own longest input and target (labels with -100), or to the given lengths if longer.
+
+    Examples without labels (inputs to generate from) give ``input_ids`` and ``attention_mask`` only.
+    """
     if not isinstance(examples[0]["input_ids"], list):  # padded tensors would all look full: every pad attended to
         raise TypeError("collate takes unpadded examples (ds.examples[i]), not the padded tensors of ds[i]")
     src = max(src_length, *(len(e["input_ids"]) for e in examples))
-    tgt = max(tgt_length, *(len(e["labels"]) for e in examples))
     input_ids = torch.full((len(examples), src), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), src), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        attention_mask[row, : len(e["input_ids"])] = 1
+    if "labels" not in examples[0]:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    tgt = max(tgt_length, *(len(e["labels"]) for e in examples))
     labels = torch.full((len(examples), tgt), -100, dtype=torch.long)
     for row, e in enumerate(examples):
-        n, m = len(e["input_ids"]), len(e["labels"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        attention_mask[row, :n] = 1
-        labels[row, :m] = torch.tensor(e["labels"])
+        labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

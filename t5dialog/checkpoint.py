@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: write, verify, index and prune, find, load.
+"""Checkpoints that survive crashes: write, verify, index and prune, choose, load.
 
 A checkpoint is a folder ``checkpoint-<step>`` that Hugging Face loads as is
 (``model.safetensors``, ``config.json``, ``generation_config.json``, the
@@ -9,7 +9,7 @@ resuming needs:
   epoch, best loss) with the optimizer, RNG states and what the batch plan
   depends on; plain tensors and numbers, loaded with
   ``torch.load(weights_only=True)`` so a tampered file cannot run code;
-- ``run_config.json``: the flags of the run;
+- ``run_config.json``: the flags of the run and its tokenizer's real vocabulary size;
 - ``manifest.json``: the sha256 of every other file, written last.
 
 Crash safety comes from the order of operations: everything is written into a
@@ -99,7 +99,7 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
     """Write and commit ``checkpoint-<step>``; return its path.
 
     ``extra_files``: {name: text} written beside the weights and covered by
-    the manifest (the model card and decoding defaults of modelcard.py).
+    the manifest (the model card of modelcard.py).
     """
     output_dir = Path(output_dir)
     final = output_dir / checkpoint_name(step)
@@ -242,11 +242,11 @@ def candidates(output_dir: Path) -> list[Path]:
     return list(dict.fromkeys(named + committed[::-1]))
 
 
-def refuse(path: Path, problem: str):
+def raise_damaged(path: Path, problem: str):
     raise CheckpointError(f"checkpoint {path}: {problem}; pass another checkpoint with --checkpoint, or retrain")
 
 
-def find(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
+def choose_checkpoint(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
     """--checkpoint DIR (a checkpoint, or an output dir), else the best, else the latest good one.
 
     A damaged checkpoint named directly is an error; in an output dir it is
@@ -263,7 +263,7 @@ def find(checkpoint=None, output_dir="checkpoints", warn=None) -> Path:
     if looks_like_checkpoint(path):
         problem = problem_of(path)
         if problem:
-            refuse(path, problem)
+            raise_damaged(path, problem)
         return path
     skipped = []
     for candidate in candidates(path):

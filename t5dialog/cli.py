@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from t5dialog.files import describe_os_error
+from t5dialog.files import describe_os_error, first_line
 
 
 class UserError(Exception):
@@ -74,8 +74,8 @@ def add_precision_arg(parser):
 
 def add_checkpoint_arg(parser, default_dir: str):
     parser.add_argument("--checkpoint", default=None,
-                        help=f"checkpoint folder, or an output dir (default: best, else latest in {default_dir}/; "
-                             "a damaged one is skipped for the next good one)")
+                        help=f"checkpoint folder, or an output dir; without it, the best, else the latest in {default_dir}/ "
+                             "(a damaged one is skipped for the next good one)")
 
 
 def check_positive(args, *names):
@@ -124,7 +124,7 @@ def lost_contact(e: RuntimeError) -> str | None:
         return None
     if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "Connection"))):
         return None
-    reason = str(e).strip().splitlines()[0].split(". ")[0][:200]
+    reason = first_line(e).split(". ")[0]  # its first sentence: a collective's errors go on at length
     return (f"rank {dist.get_rank()}: lost contact with the other processes ({reason}); another rank probably "
             "failed first: see its message (torchrun names it under 'Root Cause')")
 

@@ -35,6 +35,10 @@ _BOMS = [("utf-32", b"\xff\xfe\x00\x00"), ("utf-32", b"\x00\x00\xfe\xff"),  # by
          ("utf-16", b"\xff\xfe"), ("utf-16", b"\xfe\xff")]  # mark starts with UTF-16 LE's); Windows' "Unicode" is UTF-16
 
 
+class EmptyPrompt(UserError, ValueError):
+    """A message to answer that holds no text. A ValueError too: what `encode_history` refuses."""
+
+
 class DataError(UserError):
     """A data file we cannot use; the message names the file and the fix.
 
@@ -205,6 +209,13 @@ def as_text(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
+def check_prompt(text) -> str:
+    """``text``, refused (`EmptyPrompt`) when it holds nothing but whitespace: the one check of an empty message."""
+    if not text.split():
+        raise EmptyPrompt('empty prompt: give some text to answer, e.g. "How are you?"')
+    return text
+
+
 def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list[int]:
     """Token ids of the model input for a conversation so far (newest last).
 
@@ -212,11 +223,10 @@ def encode_history(tokenizer, history: list[str], max_length: int = 512) -> list
     does the same in batches. Very long text is cut on characters first so
     that a 100,000-character prompt does not cost a long tokenization.
     """
+    check_prompt(" ".join(history))  # some turn must hold text; empty ones are dropped
     char_cap = max_length * 16  # far more characters than max_length tokens need
     turns = [as_text(" ".join(t.split())[-char_cap:]) for t in history]
     turns = [t for t in turns if t]
-    if not turns:
-        raise ValueError("empty prompt: type some text")
     turn_ids = tokenizer(turns, add_special_tokens=False)["input_ids"]
     ids, _ = assemble_input(turn_ids, separator_ids(tokenizer), tokenizer.eos_token_id, max_length)
     return ids

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from t5dialog import datafiles, models
+from t5dialog import models, training_files
 from t5dialog.cli import OneLineParser, UserError, add_device_arg, add_precision_arg, check_positive, finite_float, float_flag
 
 
@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=models.DEFAULT_MODEL, help="hub name or local folder of a seq2seq model; "
                                                     "'scratch' trains a small T5 from scratch")
-    a("--train-file", default=None, help="DailyDialog training file (default: data/dailydialog/train.txt, downloaded when "
-                                         "the hub answers, else the demo sample)")
-    a("--val-file", default=None, help="validation file (default: validation.txt beside the training file, "
-                                       "else --val-share of it)")
+    a("--train-file", default=None, help="DailyDialog training file; without it, data/dailydialog/train.txt (downloaded "
+                                         "when the hub answers), else the demo sample")
+    a("--val-file", default=None, help="validation file; without it, validation.txt beside the training file, "
+                                       "else --val-share of it")
     a("--val-share", type=finite_float, default=0.05,
       help="with no validation file, hold out this share of whole dialogues (seeded)")
     a("--no-download", action="store_true", help="never download the corpus; without data/dailydialog train on the demo sample")
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model (on a 2-core CPU it measured slower; see bench/README.md)")
     a("--fast-dropout", action=argparse.BooleanOptionalAction, default=True,
       help="on CPU, draw dropout masks 64 bits per 4 elements instead of one call each (fast_dropout.py; 1.3x faster here)")
-    a("--scratch-vocab-size", type=int, default=8000, help="vocabulary of the tokenizer trained for --model scratch")
+    a("--scratch-vocab-size", type=int, default=8000, help="largest vocabulary of the tokenizer trained for --model scratch "
+                                                             "(a small text gives fewer tokens)")
     a("--eval-generate", type=int, default=0, help="at the end, generate for the first N validation pairs and write eval metrics")
     a("--log-examples", action="store_true", help="debug: record each step's example indices in metrics.jsonl")
     return p
@@ -92,7 +93,6 @@ def check_args(args):
                         f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")
 
 
-
 # Fixed for the life of a run: typing another value with --resume is refused.
 FIXED_ON_RESUME = {"model": "the weights and tokenizer come from it", "seed": "it decides data order and dropout noise",
                    "train_file": "the data plan is built from it", "val_share": "it decides which dialogues are held out",
@@ -123,10 +123,11 @@ def _as_recorded(value, key):
     """The value as a run records it: data files absolute, a model folder absolute however it was typed
     (``dir/``, ``./dir``, relative to another cwd); a hub name or 'scratch' as is."""
     if key in ("train_file", "val_file") or (key == "model" and isinstance(value, str) and Path(value).is_dir()):
-        return datafiles.absolute(value)
+        return training_files.absolute(value)
     return value
 
 
-def run_config(args) -> dict:
-    """The flags as a checkpoint records them."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+def run_config(args, tokenizer_vocab_size: int) -> dict:
+    """The flags as a checkpoint records them, and the vocabulary the run's tokenizer really has:
+    --scratch-vocab-size is a ceiling, which a small training text does not reach."""
+    return {**{k: v for k, v in vars(args).items() if k not in NOT_RECORDED}, "tokenizer_vocab_size": tokenizer_vocab_size}

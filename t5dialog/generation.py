@@ -15,6 +15,7 @@ import torch
 
 from t5dialog import checkpoint as ckpt
 from t5dialog import models
+from t5dialog.batching import collate
 from t5dialog.cli import UserError, finite_float
 from t5dialog.dialogues import encode_history
 from t5dialog.models import GENERATION_DEFAULTS
@@ -30,13 +31,13 @@ MIN_DIVISOR = 1e-3
 def load(path: Path, device, verified: bool = False):
     """Model (safetensors only, no remote code) and tokenizer of a checkpoint.
 
-    ``verified``: `checkpoint.find` already checked it (hashing a large model twice is wasted seconds).
+    ``verified``: `checkpoint.choose_checkpoint` already checked it (hashing a large model twice is wasted seconds).
     """
     from transformers.utils import logging as hf_logging
 
     problem = None if verified else ckpt.problem_of(path)
     if problem:
-        ckpt.refuse(path, problem)
+        ckpt.raise_damaged(path, problem)
     hf_logging.set_verbosity_error()  # loading reports go to our one-line errors instead
     hf_logging.disable_progress_bar()  # stderr stays quiet: a reply, or one line of error
     model, tokenizer = models.load_checkpoint(path)
@@ -54,7 +55,7 @@ def find_and_load(checkpoint, device, warn, output_dir=DEFAULT_DIR):
     while True:
         before = ckpt.list_checkpoints(folder)
         try:
-            path = ckpt.find(checkpoint, output_dir, warn=warn)
+            path = ckpt.choose_checkpoint(checkpoint, output_dir, warn=warn)
             return (path, *load(path, device, verified=True))
         except UserError:
             if ckpt.list_checkpoints(folder) == before:  # nothing moved: the problem is real
@@ -103,26 +104,19 @@ def generation_options(args) -> dict:
 
 
 def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
-    """Decode a batch of encoded inputs, each padded to the batch's longest."""
-    options = {**GENERATION_DEFAULTS, **options}
-    if not options["do_sample"]:  # sampling knobs would only trigger library warnings
-        for k in ("top_p", "top_k", "temperature"):
-            options.pop(k)
-    longest = max(len(ids) for ids in inputs)
-    input_ids = torch.full((len(inputs), longest), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(inputs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    """Decode a batch of encoded inputs, each padded to the batch's longest.
+
+    The checkpoint's generation_config.json decides what ``options`` leaves out.
+    """
+    options = {k: v for k, v in options.items() if k not in models.unused_settings(options)}
+    batch = models.to_device(collate([{"input_ids": ids} for ids in inputs], tokenizer.pad_token_id), device)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **options)
+        out = model.generate(**batch, **options)
     return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
-    """The model's reply to ``text`` after the earlier turns in ``history``."""
-    if not text or not text.strip():
-        raise UserError("empty prompt: type some text")
+    """The model's reply to ``text`` after the earlier turns in ``history`` (`EmptyPrompt` when none holds text)."""
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
     return generate_ids([ids], model, tokenizer, device, **options)[0]
 
@@ -156,12 +150,10 @@ def stream_response(text, model, tokenizer, device, history=None, max_length=512
     """
     from transformers import TextIteratorStreamer
 
-    if not text or not text.strip():
-        raise UserError("empty prompt: type some text")
     ids = encode_history(tokenizer, list(history or []) + [text], max_length)
     cancelled = threading.Event()
     streamer = None
-    if options.get("num_beams", GENERATION_DEFAULTS["num_beams"]) == 1:
+    if options.get("num_beams", model.generation_config.num_beams or 1) == 1:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     criteria = stop_when(lambda: cancelled.is_set() or (stop is not None and stop()))
     worker = _Worker([ids], model, tokenizer, device, dict(options, streamer=streamer, stopping_criteria=criteria))

@@ -291,12 +291,12 @@ def mean_f1(responses: Sequence[str], references: Sequence[str]) -> float:
 # --------------------------------------------------------------------------
 
 
-def perplexity(total_nll: float, total_tokens: int) -> float:
-    """exp(total_nll / total_tokens), natural-log NLL summed over tokens.
+def perplexity(total_nll: float, total_tokens: int = 1) -> float:
+    """exp(total_nll / total_tokens), natural-log NLL summed over tokens; ``perplexity(loss)`` for a loss per token.
 
     Returns nan when there are no tokens (undefined, but an evaluator that
     hit an empty split should still be able to print its table) and inf on
-    overflow.
+    overflow: the one guard for it, also for train.py's log and the model card.
     """
     if total_tokens < 0:
         raise ValueError(f"total_tokens must be >= 0, got {total_tokens}")

@@ -1,56 +1,32 @@
-"""What travels with a checkpoint's weights so it can be shared and used anywhere.
+"""What travels with a checkpoint's weights so it can be shared and used anywhere: its model card.
 
-- ``README.md``: a model card (license of the training data, base model,
-  metrics so far, the input format and a five-line example);
-- ``generation_config.json``: infer.py's decoding defaults
-  (``models.GENERATION_DEFAULTS``), so ``model.generate`` anywhere answers as
-  infer.py does instead of stopping at the library's 20 tokens.
+``README.md`` gives the license of the training data, the base model, the
+metrics so far, the input format and a five-line example. The decoding
+defaults travel in ``generation_config.json``, which save_pretrained writes
+from the model's own (`models.set_decoding_defaults`).
 
-`files_for` gives both as text; checkpoint.py writes them with the rest.
+`files_for` gives the card as text; checkpoint.py writes it with the rest.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from pathlib import Path
 
 import yaml
 
-from t5dialog import corpus, datafiles, models
+from t5dialog import corpus_download, models, training_files
 from t5dialog.checkpoint import RUN_CONFIG, checkpoint_name
 from t5dialog.dialogues import SEPARATOR
 from t5dialog.files import read_json
 
 CARD = "README.md"
-GENERATION_CONFIG = "generation_config.json"
 
 
-def files_for(model, run_config: dict, metrics: dict | None, step: int) -> dict[str, str]:
-    """{file name: text} of the card and the decoding defaults for ``checkpoint-<step>``."""
-    # Without save_pretrained's strict check, which would refuse to save a base model's leftover beam
-    # settings (say early_stopping) that transformers only warns about at generate.
-    return {GENERATION_CONFIG: generation_config(model).to_json_string(use_diff=True),
-            CARD: model_card(run_config, metrics, step)}
-
-
-
-def generation_config(model):
-    """The model's generation config with infer.py's decoding defaults and the model's special token ids."""
-
-    config = copy.deepcopy(model.generation_config)
-    options = dict(models.GENERATION_DEFAULTS)
-    if not options["do_sample"]:  # sampling knobs in a greedy config make transformers warn at every generate
-        for knob in ("top_p", "top_k", "temperature"):
-            options.pop(knob)
-            setattr(config, knob, None)
-    config.update(**options)
-    config._from_model_config = False  # set by hand now: older transformers would rebuild a derived one from config.json
-    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
-        if getattr(config, name, None) is None:
-            setattr(config, name, getattr(model.config, name, None))
-    return config
+def files_for(run_config: dict, metrics: dict | None, step: int) -> dict[str, str]:
+    """{file name: text} of what ``checkpoint-<step>`` carries beside what save_pretrained writes."""
+    return {CARD: model_card(run_config, metrics, step)}
 
 
 def training_data(train_file) -> dict:
@@ -66,11 +42,11 @@ def training_data(train_file) -> dict:
     if not train_file:
         return {"license": "other", "license_name": "unknown", "text": "Unknown: the run did not record its training file."}
     path = Path(train_file).resolve()
-    if path.parent == datafiles.SAMPLE_DATA:
+    if path.parent == training_files.SAMPLE_DATA:
         return {"license": "other", "license_name": "project-demo-sample",
                 "text": "the demo sample shipped with the code (data/sample): short dialogues written for the project, "
                         "free to use with its code. A demo, enough to see the pipeline work; not a useful chat model."}
-    info = read_json(path.parent / corpus.MANIFEST)  # written beside a verified corpus
+    info = read_json(path.parent / corpus_download.MANIFEST)  # written beside a verified corpus
     if "roskoN/dailydialog" in str(info.get("source", "")):
         return dailydialog
     return {"license": "other", "license_name": "unknown",
@@ -95,10 +71,11 @@ def _number(value, digits=4) -> str:
 
 
 def _loss_row(label: str, loss) -> str:
+    from t5dialog.metrics import perplexity  # here: its text metrics' imports cost train.py half a second at start
+
     if not (isinstance(loss, (int, float)) and math.isfinite(loss)):
         return f"| {label} | n/a |"
-    ppl = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past about 709
-    return f"| {label} | {loss:.4f} (perplexity {_number(ppl, 2)}) |"
+    return f"| {label} | {loss:.4f} (perplexity {_number(perplexity(loss), 2)}) |"
 
 
 def metrics_table(metrics: dict | None, step: int) -> str:

@@ -1,10 +1,12 @@
-"""The model: which one to start from, its loss, its precision.
+"""The model: which one to start from, its decoding defaults, its loss, its precision.
 
 - `load_pretrained`: a hub name or a local folder (safetensors only, no
   remote code); offline, the Hugging Face cache. A model that cannot work
   (not encoder-decoder, no tokenizer, damaged weights) is a `ModelProblem`.
 - `build_scratch`: a small T5 (`SCRATCH_CONFIG`) with a Unigram tokenizer
   trained on the training text, for machines that cannot get t5-small.
+- `set_decoding_defaults`: both give their model `GENERATION_DEFAULTS` as its
+  own generation config, which save_pretrained writes into every checkpoint.
 - `token_loss_sum`: the training loss, shared by training, validation and
   eval.py's perplexity.
 """
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -31,6 +34,10 @@ MIN_SCRATCH_VOCAB = 64  # the tokenizer trainer needs room for the special token
 # Checkpoints carry them in generation_config.json, so `generate` anywhere decodes the same.
 GENERATION_DEFAULTS = dict(max_new_tokens=64, num_beams=1, do_sample=False, top_p=1.0, top_k=50, temperature=1.0,
                            no_repeat_ngram_size=3, repetition_penalty=1.0)
+# Decoding settings transformers uses only when sampling, or only with several beams. Left in a config that does
+# neither, they make every `generate` warn, and save_pretrained refuses to write the config.
+SAMPLING_ONLY = ("top_p", "top_k", "temperature")
+BEAM_ONLY = ("early_stopping", "length_penalty")
 # A T5 sized for a laptop CPU when t5-small cannot be had (about 8.5M parameters
 # with an 8k vocabulary): same architecture, 4 encoder + 4 decoder layers.
 SCRATCH_CONFIG = dict(d_model=256, d_ff=1024, d_kv=64, num_heads=4, num_layers=4, num_decoder_layers=4, dropout_rate=0.1)
@@ -158,9 +165,11 @@ def load_weights(name: str, who: str, **source):
     from transformers import AutoModelForSeq2SeqLM
 
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, **source)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, use_safetensors=True, **source)
     except SafetensorError as e:
         raise damaged_weights(who, "model.safetensors", e) from None
+    set_decoding_defaults(model)
+    return model
 
 
 def load_checkpoint(path: Path):
@@ -210,7 +219,9 @@ def build_scratch(train_file, vocab_size: int, seed: int, **config_overrides):
     config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       decoder_start_token_id=tokenizer.pad_token_id, **{**SCRATCH_CONFIG, **config_overrides})
     torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config), tokenizer
+    model = T5ForConditionalGeneration(config)
+    set_decoding_defaults(model)
+    return model, tokenizer
 
 
 def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size: int, seed: int, log):
@@ -230,6 +241,30 @@ def choose_model(name: str, named_by_user: bool, train_file, scratch_vocab_size:
     return (*build_scratch(train_file, scratch_vocab_size, seed), "scratch")
 
 
+# ---------------------------------------------------------------- decoding defaults
+
+
+def unused_settings(options: dict) -> tuple[str, ...]:
+    """The decoding settings ``options`` leaves unused: the sampling ones when not sampling, the beam ones with one beam."""
+    return (() if options.get("do_sample") else SAMPLING_ONLY) + (BEAM_ONLY if options.get("num_beams", 1) == 1 else ())
+
+
+def set_decoding_defaults(model):
+    """Make GENERATION_DEFAULTS the model's own decoding settings, with its special token ids.
+
+    save_pretrained writes them into every checkpoint's generation_config.json,
+    so `generate` anywhere answers as infer.py does instead of stopping at the
+    library's 20 tokens. The base model's other settings (BART's forced tokens) stay.
+    """
+    config = copy.deepcopy(model.generation_config)
+    config.update(**GENERATION_DEFAULTS)
+    config.update(**dict.fromkeys(unused_settings(GENERATION_DEFAULTS)))  # unset, including a base model's leftovers
+    for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        if getattr(config, name, None) is None:
+            setattr(config, name, getattr(model.config, name, None))
+    model.generation_config = config
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -242,9 +277,6 @@ def prepare_for_training(model, device, precision: str, attention: str, use_fast
     if use_fast_dropout and attention == "eager":  # an explicit --attention sdpa keeps torch's dropout
         fast_dropout.install(model, device)  # a no-op on GPUs; on CPU its attention replaces eager
     return model
-
-
-
 
 
 def to_device(batch: dict, device) -> dict:

@@ -4,8 +4,9 @@ and a run that is refused creates or changes nothing there.
 Rank 0 holds an ``flock`` on ``train.lock`` for the whole run. The kernel
 releases it when the process dies, so a kill -9 never leaves a stale lock;
 readers (infer.py, eval.py) need none. `open_run_dir` checks the folder
-before anything is loaded; `take` creates it (if need be) only once every
-check has passed; `sign` names the holder for the message a second run prints.
+before anything is loaded; `lock_output_dir` creates and locks it only once
+every check has passed; `write_lock_holder` names the holder for the message
+a second run prints.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def open_run_dir(flag: str, resume: bool, is_main: bool):
     return out, lock, resume_from, damaged
 
 
-def take(out: Path, resume: bool, lock, log=print):
+def lock_output_dir(out: Path, resume: bool, lock, log=print):
     """Rank 0, once nothing is left to refuse: create and lock ``out``, clear crash leftovers; returns the lock."""
     try:
         make_writable_dir(out)
@@ -72,7 +73,7 @@ def take(out: Path, resume: bool, lock, log=print):
     return lock
 
 
-def sign(lock):
+def write_lock_holder(lock):
     """Name the holder in the lock file, for the message a second train.py prints."""
     if lock is not None:
         lock.seek(0)
@@ -103,6 +104,6 @@ def refuse_old_run(out: Path):
 def check_writable(out: Path):
     """Fail before minutes of loading, not after: the folder (or the one it would be made in) takes files."""
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):  # root passes; `take` then finds out
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):  # root passes; `lock_output_dir` then finds out
         raise UserError(f"--output-dir {out} is not writable (no permission to write in {existing}); "
                         "fix its permissions or pass another folder")

@@ -88,23 +88,24 @@ def plot_losses(out: Path, at_most_every: float = 0.0):
         tmp.unlink(missing_ok=True)
 
 
-def banner(r, model):
-    """What a run says before its first step: device, model, data, length, and two examples (train.Run ``r``)."""
+def banner(settings, model):
+    """What a run says before its first step: device, model, data, length, and two examples (train.Settings)."""
     from t5dialog.models import precision_note
 
-    args, world, log, steps = r.args, r.world, r.log, r.total_steps
+    args, world, log, steps = settings.args, settings.world, settings.log, settings.total_steps
     params = sum(p.numel() for p in model.parameters())
     notes = [f"{world} processes"] if world > 1 else []
-    notes.append(precision_note(r.precision, r.device))
-    if args.fast_dropout and r.device.type == "cpu" and args.attention != "sdpa":
+    notes.append(precision_note(settings.precision, settings.device))
+    if args.fast_dropout and settings.device.type == "cpu" and args.attention != "sdpa":
         notes.append("fast dropout masks")
-    log(f"device: {r.device} ({'; '.join(notes)})")
-    log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(r.tokenizer):,})")
-    log(f"train: {r.train_ds.path}: {r.train_ds.stats.summary()}")
-    log(f"valid: {r.val_ds.path}{' (held-out dialogues)' if not args.val_file else ''}: {r.val_ds.stats.summary()}")
+    log(f"device: {settings.device} ({'; '.join(notes)})")
+    log(f"model: {args.model} ({params / 1e6:.1f}M parameters, vocabulary {len(settings.tokenizer):,})")
+    log(f"train: {settings.train_ds.path}: {settings.train_ds.stats.summary()}")
+    log(f"valid: {settings.val_ds.path}{' (held-out dialogues)' if not args.val_file else ''}: {settings.val_ds.stats.summary()}")
     epochs = f"{args.epochs} epochs" if not args.max_steps else f"--max-steps {args.max_steps}"
     log(f"steps: {steps:,} ({epochs}; batch token budget {args.max_tokens:,} x {args.grad_accum} accumulation"
         f"{f' x {world} ranks' if world > 1 else ''}; lr {args.lr:g}, warmup {args.warmup_ratio:.0%})")
-    for i in (0, len(r.train_ds) // 2):
-        e = r.train_ds.examples[i]
-        log(f"example {i}:\n  input : {r.tokenizer.decode(e['input_ids'])}\n  target: {r.tokenizer.decode(e['labels'])}")
+    decode = settings.tokenizer.decode
+    for i in (0, len(settings.train_ds) // 2):
+        e = settings.train_ds.examples[i]
+        log(f"example {i}:\n  input : {decode(e['input_ids'])}\n  target: {decode(e['labels'])}")

@@ -76,7 +76,7 @@ STAND_IN_HOST = "http://hub.invalid"  # a name no resolver knows: only fake_prox
 def hub_corpus() -> dict[str, list[str]]:
     """What fake_hub's dataset holds: as many tiny dialogues per split as the real corpus has;
     train's last one also occurs in test (what --dedupe drops)."""
-    from t5dialog import corpus
+    from t5dialog import corpus_download as corpus
 
     made = {split: [f"{split} line {i} . __eou__ Fine , thanks . __eou__ " for i in range(n)]
             for split, n in corpus.EXPECTED_COUNTS.items()}
@@ -91,7 +91,7 @@ def assert_corpus_written(out, commit):
     """out holds hub_corpus() as download.py writes it, complete, from that commit."""
     import json
 
-    from t5dialog import corpus
+    from t5dialog import corpus_download as corpus
 
     for split in corpus.SPLITS:
         assert (out / f"{split}.txt").read_text(encoding="utf-8").splitlines() == hub_corpus()[split]
@@ -113,7 +113,7 @@ def hub_repos(tiny_model, tmp_path_factory):
     real hub) and roskoN/dailydialog's train/validation/test zips holding hub_corpus()."""
     from hub_server import Repo, make_zip
 
-    from t5dialog import corpus
+    from t5dialog import corpus_download as corpus
 
     d = tmp_path_factory.mktemp("hub-zips")
     zips = {f"{s}.zip": make_zip(d / f"{s}.zip", s, hub_corpus()[s]).read_bytes() for s in corpus.SPLITS}

@@ -1,4 +1,4 @@
-"""Tests for corpus.py and its CLI data/download.py. No test touches the real
+"""Tests for corpus_download.py and its CLI data/download.py. No test touches the real
 hub: the extraction and verification run on small zips built here in the
 corpus' layout, the offline path runs the real CLI with the hub made
 unreachable, and the download path runs it against a stand-in hub
@@ -19,7 +19,7 @@ import torch
 from conftest import DATASET_PATH, SAMPLE, TINY_CONFIG, assert_corpus_written, assert_user_error, hub_corpus, run_cli
 from tqdm import tqdm
 
-from t5dialog import corpus as dl
+from t5dialog import corpus_download as dl
 
 pytestmark = pytest.mark.usefixtures("hermetic")  # none of the user's hub, offline or proxy variables
 

@@ -18,6 +18,7 @@ from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
 from t5dialog import checkpoint as ckpt
 from t5dialog import generation
 from t5dialog.metrics import perplexity
+from t5dialog.validation import target_nll
 
 CPU = torch.device("cpu")
 SAMPLE_KEYS = {"context", "reference", "response"}
@@ -63,7 +64,7 @@ def test_perplexity_is_the_models_own_loss(loaded, data_dir):
     model, tokenizer = loaded
     ds = DailyDialogDataset(tokenizer, data_dir / "validation.txt", max_length=64, max_target_length=24)
     example = ds.examples[3]
-    nll, tokens = evaluation.target_nll(model, [example], tokenizer.pad_token_id, CPU)
+    nll, tokens = target_nll(model, [example], tokenizer.pad_token_id, [[0]], CPU)
     assert tokens == len(example["labels"])  # every target token, </s> included
     with torch.no_grad():
         loss = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss
@@ -71,8 +72,8 @@ def test_perplexity_is_the_models_own_loss(loaded, data_dir):
 
     # In padded batches, padding counts for nothing: the sums of single examples.
     examples = ds.examples[:10]
-    singles = [evaluation.target_nll(model, [e], tokenizer.pad_token_id, CPU) for e in examples]
-    nll, tokens = evaluation.target_nll(model, examples, tokenizer.pad_token_id, CPU, batch_size=4)
+    singles = [target_nll(model, [e], tokenizer.pad_token_id, [[0]], CPU) for e in examples]
+    nll, tokens = target_nll(model, examples, tokenizer.pad_token_id, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], CPU)
     assert tokens == sum(t for _, t in singles) == sum(len(e["labels"]) for e in examples)
     assert nll == pytest.approx(sum(n for n, _ in singles), rel=1e-5)
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import DATASET_PATH, ROOT, STAND_IN_HOST, assert_corpus_written, assert_user_error, damage_cached, run_cli
 from hub_server import FakeHub, Repo, SilentHub
 
-from t5dialog import corpus as dl
+from t5dialog import corpus_download as dl
 from t5dialog import hub
 
 pytestmark = pytest.mark.usefixtures("hermetic")

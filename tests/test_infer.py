@@ -48,10 +48,10 @@ def test_default_checkpoint_is_the_best_else_the_latest(tiny_model, tmp_path):
     out = tmp_path / "checkpoints"
     for name in ("checkpoint-00000004", "checkpoint-00000008"):
         shutil.copytree(tiny_model, out / name)
-    assert ckpt.find(None, out) == out / "checkpoint-00000008"  # no index: newest
+    assert ckpt.choose_checkpoint(None, out) == out / "checkpoint-00000008"  # no index: newest
     (out / "checkpoints.json").write_text(json.dumps({"latest": "checkpoint-00000008", "best": "checkpoint-00000004"}))
-    assert ckpt.find(None, out) == out / "checkpoint-00000004"
-    assert ckpt.find(str(out)) == out / "checkpoint-00000004"  # --checkpoint may name the output dir
+    assert ckpt.choose_checkpoint(None, out) == out / "checkpoint-00000004"
+    assert ckpt.choose_checkpoint(str(out)) == out / "checkpoint-00000004"  # --checkpoint may name the output dir
 
 
 def encoder_inputs(model):
@@ -310,7 +310,7 @@ def truncate(path):
 @pytest.mark.parametrize("index", ["[]", "null", '"x"', "3", "{"])
 def test_an_index_that_is_not_a_json_object_is_ignored(run_dir, index, capsys):
     (run_dir / ckpt.INDEX).write_text(index)
-    assert ckpt.find(None, run_dir) == run_dir / "checkpoint-00000008"  # no hint: the newest
+    assert ckpt.choose_checkpoint(None, run_dir) == run_dir / "checkpoint-00000008"  # no hint: the newest
     assert infer.main(["--checkpoint", run_dir, "Hi"]) == 0
     assert capsys.readouterr().out.strip()
 
@@ -342,7 +342,7 @@ def test_readers_never_fail_while_train_py_prunes_under_them(tiny_model, data_di
 def test_a_damaged_best_checkpoint_is_skipped_for_the_latest(run_dir):
     truncate(run_dir / "checkpoint-00000004")
     said = []
-    assert ckpt.find(None, run_dir, warn=said.append) == run_dir / "checkpoint-00000008"
+    assert ckpt.choose_checkpoint(None, run_dir, warn=said.append) == run_dir / "checkpoint-00000008"
     assert len(said) == 1 and "checkpoint-00000004" in said[0] and "model.safetensors" in said[0]
     assert "using checkpoint-00000008" in said[0] and "\n" not in said[0]
 
@@ -351,12 +351,12 @@ def test_damaged_best_and_latest_fall_back_to_older_ones_in_one_line(run_dir):
     truncate(run_dir / "checkpoint-00000004")
     (run_dir / "checkpoint-00000008" / "tokenizer.json").unlink()  # a file the manifest lists is gone
     said = []
-    assert ckpt.find(str(run_dir), warn=said.append) == run_dir / "checkpoint-00000002"
+    assert ckpt.choose_checkpoint(str(run_dir), warn=said.append) == run_dir / "checkpoint-00000002"
     assert len(said) == 1 and "checkpoint-00000004" in said[0] and "tokenizer.json is missing" in said[0]
     for name in ("checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000008"):
         truncate(run_dir / name)
     with pytest.raises(UserError, match="no usable checkpoint"):
-        ckpt.find(str(run_dir))
+        ckpt.choose_checkpoint(str(run_dir))
 
 
 def test_folders_a_running_train_py_writes_are_never_picked(run_dir, tiny_model):
@@ -366,9 +366,9 @@ def test_folders_a_running_train_py_writes_are_never_picked(run_dir, tiny_model)
     shutil.copytree(tiny_model, run_dir / ".trash-checkpoint-00000002")
     (run_dir / ckpt.INDEX).write_text(json.dumps({"latest": ".tmp-checkpoint-00000012-4242",
                                                   "best": ".trash-checkpoint-00000002"}))
-    assert ckpt.find(None, run_dir) == run_dir / "checkpoint-00000008"
+    assert ckpt.choose_checkpoint(None, run_dir) == run_dir / "checkpoint-00000008"
     with pytest.raises(UserError, match="writing or deleting"):
-        ckpt.find(str(run_dir / ".tmp-checkpoint-00000012-4242"))
+        ckpt.choose_checkpoint(str(run_dir / ".tmp-checkpoint-00000012-4242"))
 
 
 def test_the_cli_skips_a_damaged_default_in_one_line_and_refuses_it_when_named(run_dir, monkeypatch, capsys):

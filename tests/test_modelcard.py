@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 import dataset
 from t5dialog import checkpoint as ckpt
-from t5dialog import corpus, generation, modelcard
+from t5dialog import corpus_download, generation, modelcard
 
 
 def strict_json(path):
@@ -40,7 +40,7 @@ def corpus_dir(tmp_path):
     d = tmp_path / "dailydialog"
     d.mkdir()
     (d / "train.txt").write_text(SAMPLE.joinpath("train.txt").read_text())
-    (d / corpus.MANIFEST).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
+    (d / corpus_download.MANIFEST).write_text(json.dumps({"source": "roskoN/dailydialog@main", "license": "CC BY-NC-SA 4.0"}))
     return d
 
 
@@ -62,7 +62,7 @@ def test_card_for_a_named_model_on_the_corpus(corpus_dir):
 
 
 def test_card_for_a_user_file_says_the_license_is_unknown(corpus_dir, tmp_path):
-    (corpus_dir / corpus.MANIFEST).unlink()  # the same text, but nothing says where it came from
+    (corpus_dir / corpus_download.MANIFEST).unlink()  # the same text, but nothing says where it came from
     text = modelcard.model_card({"model": "google/flan-t5-small", "train_file": str(corpus_dir / "train.txt")}, None, 7)
     meta = card_metadata(text)
     assert meta["license"] == "other" and meta["license_name"] == "unknown"
@@ -107,13 +107,13 @@ def test_save_writes_card_and_decoding_defaults_covered_by_the_manifest(tiny, tm
     run_config = {"model": "scratch", "train_file": str(SAMPLE / "train.txt"), "lr": float("nan"), "max_length": 64}
     metrics = {"step": 30, "val_loss": 3.2, "best_val_loss": float("inf")}
     path = ckpt.save_checkpoint(tmp_path, 30, model, tokenizer, {"step": 30}, run_config,
-                                modelcard.files_for(model, run_config, metrics, 30))
+                                modelcard.files_for(run_config, metrics, 30))
     assert ckpt.verify(path) is None
     covered = strict_json(path / ckpt.MANIFEST)["files"]
-    assert {modelcard.CARD, modelcard.GENERATION_CONFIG, ckpt.RUN_CONFIG} <= set(covered)
+    assert {modelcard.CARD, "generation_config.json", ckpt.RUN_CONFIG} <= set(covered)
     assert strict_json(path / ckpt.RUN_CONFIG)["lr"] is None
 
-    raw = strict_json(path / modelcard.GENERATION_CONFIG)
+    raw = strict_json(path / "generation_config.json")
     assert not {"top_p", "top_k", "temperature"} & set(raw)  # greedy: no sampling knobs to warn about
     config = GenerationConfig.from_pretrained(path)
     d = generation.GENERATION_DEFAULTS
@@ -122,7 +122,6 @@ def test_save_writes_card_and_decoding_defaults_covered_by_the_manifest(tiny, tm
     assert bool(config.do_sample) == d["do_sample"]
     assert (config.pad_token_id, config.eos_token_id, config.decoder_start_token_id) == (
         tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id)
-    assert model.generation_config.max_new_tokens is None  # the caller's model is left as it was
 
     card = (path / modelcard.CARD).read_text()
     assert card_metadata(card)["license_name"] == "project-demo-sample"
@@ -158,7 +157,7 @@ def test_card_example_runs_with_plain_transformers_and_uses_the_defaults(tiny, t
     elsewhere.mkdir()
     run_config = {"model": "scratch"}
     path = ckpt.save_checkpoint(out, 30, model, tokenizer, {"step": 30}, run_config,
-                                modelcard.files_for(model, run_config, {"step": 30}, 30))
+                                modelcard.files_for(run_config, {"step": 30}, 30))
     env = {k: v for k, v in script_env().items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-I", "-c", RUN_CARD_EXAMPLE, str(path), str(elsewhere)], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=300)

@@ -161,3 +161,20 @@ def test_the_tiny_model_itself_passes_every_check(tiny_model):
     assert len(tokenizer) == 400 and model.config.vocab_size == 400
     model, tokenizer = models.load_checkpoint(tiny_model)
     assert len(tokenizer) == 400
+
+
+def test_a_base_model_gets_the_decoding_defaults_that_its_checkpoints_carry(tiny_model, tmp_path):
+    """A base model's leftover beam settings are unset: save_pretrained refuses a greedy config that keeps them."""
+    from transformers import AutoModelForSeq2SeqLM, GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    GenerationConfig(num_beams=4, early_stopping=True, length_penalty=2.0, forced_eos_token_id=1,
+                     decoder_start_token_id=0, eos_token_id=1, pad_token_id=0).save_pretrained(base)
+    model, _ = models.load_pretrained(str(base))
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "saved").generation_config
+    assert {k: getattr(saved, k) for k in models.GENERATION_DEFAULTS if k not in models.SAMPLING_ONLY} == {
+        k: v for k, v in models.GENERATION_DEFAULTS.items() if k not in models.SAMPLING_ONLY}
+    assert (saved.early_stopping, saved.length_penalty) == (None, None)
+    assert saved.forced_eos_token_id == 1  # the base model's own settings stay

@@ -555,6 +555,7 @@ def test_relative_data_and_model_paths_are_recorded_absolute_and_resume_works_fr
     assert config["train_file"] == str(tmp_path / "d" / "train.txt")
     assert config["val_file"] == str(tmp_path / "d" / "validation.txt")
     assert config["model"] == str(tmp_path / "m")
+    assert config["tokenizer_vocab_size"] == 400  # the tokenizer's, not --scratch-vocab-size's 8000
     monkeypatch.chdir(tmp_path / "elsewhere")  # no d/ or m/ here: the model typed relative to this folder is the same
     assert call_main(["--resume", "--output-dir", tmp_path / "out", "--max-steps", "3", "--model", "../m"]) == 0
     assert ckpt.load_training_state(latest(tmp_path / "out"))["step"] == 3

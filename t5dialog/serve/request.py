@@ -12,6 +12,7 @@ import json
 import re
 
 from t5dialog.cli import UserError
+from t5dialog.dialogues import EmptyPrompt, check_prompt
 from t5dialog.files import first_line
 from t5dialog.generation import generation_options
 
@@ -51,8 +52,12 @@ def parse_body(body: bytes, defaults: dict) -> tuple[str, list[str], bool, dict,
         raise BadRequest(400, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
     data = {k: v for k, v in data.items() if v is not None}  # null means "not given"
     message, history, stream = data.get("message"), data.get("history", []), data.get("stream", False)
-    if not isinstance(message, str) or not message.strip():
-        raise BadRequest(400, '"message" must be non-empty text')
+    if not isinstance(message, str):
+        raise BadRequest(400, '"message" must be text, e.g. {"message": "Hi"}')
+    try:
+        check_prompt(message)  # before the request waits for the model
+    except EmptyPrompt as e:
+        raise BadRequest(400, f'"message": {e}') from None
     if not isinstance(history, list) or not all(isinstance(turn, str) for turn in history):
         raise BadRequest(400, '"history" must be a list of strings (the earlier turns, oldest first)')
     if not isinstance(stream, bool):

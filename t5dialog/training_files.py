@@ -1,4 +1,6 @@
-"""Which DailyDialog files a training run uses.
+"""Which files a training run uses: --train-file/--val-file, the downloaded corpus or the demo sample.
+
+corpus_download.py fetches the corpus; dataset.py reads a file into examples.
 
 No --train-file: the full corpus in data/dailydialog (downloaded first when
 the hub can be reached), else the project's demo sample, with a note saying
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from t5dialog.cli import UserError
-from t5dialog.corpus import DEFAULT_OUT, available, download
+from t5dialog.corpus_download import DEFAULT_OUT, available, download
 from t5dialog.hub import HubUnreachable
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"  # the project's own small demo dialogues

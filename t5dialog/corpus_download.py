@@ -1,4 +1,6 @@
-"""The DailyDialog corpus: fetch it from the hub, verify it, extract it.
+"""Downloading the DailyDialog corpus from the Hugging Face hub: fetch, verify, extract into data/dailydialog.
+
+training_files.py picks which files a training run uses; dataset.py reads one into examples.
 
 Source: the Hugging Face dataset repo roskoN/dailydialog, which holds the
 original files of Li et al. (IJCNLP 2017) as train.zip / validation.zip /
@@ -51,8 +53,9 @@ from t5dialog.files import describe_os_error, is_disk_full, read_json, remove_st
 from t5dialog.hub import HubUnreachable
 
 REPO_ID = "roskoN/dailydialog"
-# Should be pinned to a commit sha of roskoN/dailydialog once verified: every
-# run prints (and records in download_info.json) the commit "main" resolved to.
+# The branch, not a commit sha: the project trusts the content, which every download verifies
+# (layout, dialogue counts, labels per turn) whatever commit "main" is; each run prints, and records
+# in download_info.json, the commit it resolved to, and `data/download.py --revision` pins one.
 REVISION = "main"
 SPLITS = ("train", "validation", "test")
 EXPECTED_COUNTS = {"train": 11_118, "validation": 1_000, "test": 1_000}
@@ -229,15 +232,15 @@ def _not_the_corpus(from_dir: Path | None) -> str:
             f"(`{DOWNLOAD_SCRIPT} --revision REV`) or the original zips (`{DOWNLOAD_SCRIPT} --from-dir DIR`)")
 
 
-def _read_zip(zips: dict[str, Path], split: str, revision: str, from_dir: Path | None, log):
-    """read_split, where a damaged copy in the Hugging Face cache is downloaded again, once.
+def _verified_split(zips: dict[str, Path], split: str, revision: str, from_dir: Path | None, log) -> list[str]:
+    """The split's dialogues, read and verified; a damaged copy in the Hugging Face cache is downloaded again, once.
 
     huggingface_hub never checks a cached file again after its download, so a
     truncated or bit-flipped one would otherwise fail every later run; this is
     also how train.py, which has no --force, gets past it.
     """
     try:
-        return read_split(zips[split], split)
+        return _read_and_verify(zips[split], split, from_dir)
     except DamagedArchive as e:
         if from_dir:
             raise DataError(f"{e}; copy an intact {split}.zip into {from_dir}") from None
@@ -245,16 +248,24 @@ def _read_zip(zips: dict[str, Path], split: str, revision: str, from_dir: Path |
             raise DataError(f"{e}: the Hugging Face cache's copy, which HF_HUB_OFFLINE=1 forbids downloading "
                             f"again; unset HF_HUB_OFFLINE and re-run") from None
         log(f"  {split}.zip in the Hugging Face cache is damaged ({e}); downloading it again")
-    except DataError as e:
-        raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
     zips[split] = _download_one(split, revision, force=True, offline=False, log=log)
     try:
-        return read_split(zips[split], split)
+        return _read_and_verify(zips[split], split, from_dir)
     except DamagedArchive as e:
         raise DataError(f"{e}, also as downloaded again from {REPO_ID}@{revision}: the hub's copy is damaged; "
                         f"re-run later, or get the zips elsewhere and run `{DOWNLOAD_SCRIPT} --from-dir DIR`") from None
+
+
+def _read_and_verify(zip_path: Path, split: str, from_dir: Path | None) -> list[str]:
+    """read_split, then verify_split; content that is not the corpus names its fix (`DamagedArchive` passes as is)."""
+    try:
+        dialogues, acts, emotions = read_split(zip_path, split)
+        verify_split(split, dialogues, acts, emotions, EXPECTED_COUNTS.get(split))
+    except DamagedArchive:
+        raise
     except DataError as e:
         raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
+    return dialogues
 
 
 def _commit_of(zip_path: Path) -> str | None:
@@ -312,13 +323,8 @@ def download(out: Path = DEFAULT_OUT, revision: str = REVISION, dedupe: bool = F
     # leaves the output directory untouched.
     dialogues = {}
     for split in SPLITS:
-        lines, acts, emotions = _read_zip(zips, split, revision, from_dir, log)
-        try:
-            verify_split(split, lines, acts, emotions, EXPECTED_COUNTS.get(split))
-        except DataError as e:
-            raise DataError(f"{e}; {_not_the_corpus(from_dir)}") from None
-        dialogues[split] = lines
-        log(f"  {split}: {len(lines)} dialogues verified (layout, count, act/emotion labels per turn)")
+        dialogues[split] = _verified_split(zips, split, revision, from_dir, log)
+        log(f"  {split}: {len(dialogues[split])} dialogues verified (layout, count, act/emotion labels per turn)")
 
     dropped = None
     if dedupe:
