@@ -320,6 +320,7 @@ def test_bf16_resume_after_kill_9_is_bit_exact(tiny_model, data_dir, tmp_path):
 STORM_FLAGS = ["--save-every", "2", "--eval-every", "2"]  # after FLAGS: about 28 steps in 2 epochs, a save every 2
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 def test_a_storm_of_20_kills_then_resume_gives_the_uninterrupted_run(tiny_model, data_dir, tmp_path):
     straight = tmp_path / "straight"
