@@ -95,7 +95,7 @@ def _child(script: str, argv: list[str], env: dict, cwd: str, out: str, err: str
 
 
 class Started:
-    """A forked script run: .pid, .wait(timeout) -> CompletedProcess, .kill()."""
+    """A forked script run: .pid, .wait(timeout) -> CompletedProcess."""
 
     def __init__(self, script, argv, env, cwd):
         self.args = [script, *argv]
@@ -108,16 +108,13 @@ class Started:
     def wait(self, timeout=300) -> subprocess.CompletedProcess:
         self._process.join(timeout)
         if self._process.exitcode is None:
-            self.kill()
+            self._process.kill()
+            self._process.join()
+            shutil.rmtree(self._folder, ignore_errors=True)
             raise subprocess.TimeoutExpired(self.args, timeout)
         out, err = ((self._folder / name).read_text(errors="replace") for name in ("stdout", "stderr"))
         shutil.rmtree(self._folder, ignore_errors=True)
         return subprocess.CompletedProcess(self.args, self._process.exitcode, out, err)
-
-    def kill(self):
-        """kill -9 (a stopped process dies too)."""
-        self._process.kill()
-        self._process.join()
 
 
 def start(script: str, *args, env=None, cwd=ROOT) -> Started:
