@@ -36,13 +36,13 @@ from t5dialog.cli import UserError
 from t5dialog.files import first_line
 from t5dialog.generation import generate_response, stop_when, stream_response
 from t5dialog.models import autocast
+from t5dialog.serve import page
 from t5dialog.serve.request import BadRequest, limits, parse_body
 
 HOST, PORT, QUEUE = "127.0.0.1", 8000, 8
 MAX_BODY = 64 * 1024  # bytes; a long conversation is a few KiB, and the model reads only max_length tokens of it
 DRAIN_LIMIT = 1 << 20  # an oversized body up to this size is read and dropped, so the client sees the 413, not a reset
 ROUTES = {"/": ("GET", "HEAD"), "/api/reply": ("POST",)}
-PAGE = Path(__file__).with_name("page.html")
 
 # ---------------------------------------------------------------- flags and socket
 
@@ -182,8 +182,7 @@ class Engine:
             self.lock.release()
 
     def page(self) -> bytes:
-        config = json.dumps({"checkpoint": self.checkpoint.name, "options": self.options, "limits": limits(self.options)})
-        return PAGE.read_text(encoding="utf-8").replace("__CONFIG__", config.replace("</", "<\\/")).encode()
+        return page.render(self.checkpoint, self.options, limits(self.options), MAX_BODY)
 
 
 class Handler(BaseHTTPRequestHandler):
