@@ -150,7 +150,7 @@ def run(argv) -> int:
     torch.manual_seed(args.seed)
     with autocast(device, precision):
         if server is not None:
-            serve.serve(server, serve.Engine(model, tokenizer, device, precision, max_length, options, path, server.queue))
+            serve.serve(server, model, tokenizer, device, precision, max_length, options, path)
         elif prompt is not None:
             # Flushed here, inside run_script's handlers: a reader that left must not fail Python's exit-time flush.
             print(generate_response(prompt, model, tokenizer, device, max_length=max_length, **options), flush=True)

@@ -103,16 +103,24 @@ def generation_options(args) -> dict:
     return options
 
 
-def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
-    """Decode a batch of encoded inputs, each padded to the batch's longest.
+def generate_tokens(inputs: list[list[int]], model, tokenizer, device, **options) -> torch.Tensor:
+    """`generate` on a batch of encoded inputs, each padded to the batch's longest: the output ids, one row each.
 
     The checkpoint's generation_config.json decides what ``options`` leaves out.
     """
     options = {k: v for k, v in options.items() if k not in models.unused_settings(options)}
     batch = models.to_device(collate([{"input_ids": ids} for ids in inputs], tokenizer.pad_token_id), device)
     with torch.no_grad():
-        out = model.generate(**batch, **options)
-    return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return model.generate(**batch, **options)
+
+
+def decode(tokenizer, rows: torch.Tensor) -> list[str]:
+    return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def generate_ids(inputs: list[list[int]], model, tokenizer, device, **options) -> list[str]:
+    """The replies to a batch of encoded inputs (`generate_tokens`, decoded)."""
+    return decode(tokenizer, generate_tokens(inputs, model, tokenizer, device, **options))
 
 
 def generate_response(text, model, tokenizer, device, history=None, max_length=512, **options) -> str:
@@ -158,22 +166,67 @@ def stream_response(text, model, tokenizer, device, history=None, max_length=512
     criteria = stop_when(lambda: cancelled.is_set() or (stop is not None and stop()))
     worker = _Worker([ids], model, tokenizer, device, dict(options, streamer=streamer, stopping_criteria=criteria))
     worker.start()
-    sent, pending = "", ""
+    pieces = ReplyPieces()
     try:
-        for piece in streamer if streamer is not None else ():
-            piece = (pending + piece) if sent else (pending + piece).lstrip()
-            body = piece.rstrip()
-            pending = piece[len(body):]
-            if body:
-                sent += body
-                yield body
+        for text in streamer if streamer is not None else ():
+            if piece := pieces.add(text):
+                yield piece
         worker.join()
         worker.raise_error()
-        if not cancelled.is_set() and worker.reply.startswith(sent) and worker.reply != sent:
-            yield worker.reply[len(sent):]  # beam search's whole reply, or what the streamer held back
+        if not cancelled.is_set() and (rest := pieces.finish(worker.reply)):
+            yield rest  # beam search's whole reply, or what was held back
     finally:
         cancelled.set()
         worker.join()
+
+
+class ReplyPieces:
+    """A streamer's text as pieces that join to the reply `generate_ids` gives, cut before the first ``stops`` string.
+
+    The reply is strip()ped: leading whitespace is dropped, and trailing
+    whitespace is held back until more text follows it. Text that may be the
+    start of a stop string is held back until it is known not to be.
+    """
+
+    def __init__(self, stops=()):
+        self.stops = [s for s in stops if s]
+        self.received = self.sent = ""
+        self.stopped = False  # a stop string came: the rest is not part of the reply
+
+    def add(self, text: str) -> str:
+        """The next piece to send ("" for none yet) after the streamer gave ``text``."""
+        if self.stopped:
+            return ""
+        self.received += text
+        visible = self.received.lstrip()
+        cut = self.cut(visible)
+        if cut is not None:
+            self.stopped = True
+            return self._send(visible[:cut].rstrip())
+        ready = visible.rstrip()
+        return self._send(ready[:len(ready) - self._maybe_stop(ready)])
+
+    def finish(self, reply: str) -> str:
+        """What is left to send of ``reply``, the whole reply `generate_ids` gave."""
+        return self._send(self.final(reply))
+
+    def final(self, reply: str) -> str:
+        cut = self.cut(reply)
+        return reply if cut is None else reply[:cut].rstrip()
+
+    def cut(self, text: str) -> int | None:
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+    def _maybe_stop(self, text: str) -> int:
+        """How many characters at the end of ``text`` could begin a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    def _send(self, ready: str) -> str:
+        if not ready.startswith(self.sent):  # the tokenizer changed earlier text: what was sent stays
+            return ""
+        piece, self.sent = ready[len(self.sent):], ready
+        return piece
 
 
 class _Worker(threading.Thread):

@@ -105,6 +105,11 @@ class Started:
         self._process.start()
         self.pid = self._process.pid
 
+    def output_so_far(self, name: str = "stderr") -> str:
+        """What the run has written to ``name`` (stdout or stderr) until now ("" before the child opened it)."""
+        path = self._folder / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def wait(self, timeout=300) -> subprocess.CompletedProcess:
         self._process.join(timeout)
         if self._process.exitcode is None:

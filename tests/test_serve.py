@@ -2,17 +2,16 @@
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from argparse import Namespace
 
 import pytest
-import torch
-from conftest import ROOT, script_env
+import launcher
+from serving import CPU, first_piece, long_stream, request, serving, start_long_stream, wait_until
 
 import infer
 from dataset import encode_history
@@ -20,7 +19,6 @@ from t5dialog.generation import generate_response, load
 from t5dialog.models import GENERATION_DEFAULTS
 from t5dialog.serve import server as serve
 
-CPU = torch.device("cpu")
 MAX_LENGTH = 64
 DEFAULTS = {**GENERATION_DEFAULTS, "max_new_tokens": 8}
 
@@ -32,16 +30,17 @@ def loaded(tiny_model):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, loaded):
-    """serve.serve in a thread, as `python infer.py --serve --port 0` runs it: .port, .engine."""
-    model, tokenizer = loaded
-    engine = serve.Engine(model, tokenizer, CPU, "fp32", MAX_LENGTH, DEFAULTS, tiny_model, queue=2)
-    srv = serve.open_server(Namespace(serve=True, port=0), None)
-    thread = threading.Thread(target=serve.serve, args=(srv, engine), daemon=True)
-    thread.start()
-    srv.port = srv.server_address[1]
-    yield srv
-    srv.shutdown()
-    thread.join()
+    with serving(loaded, tiny_model, DEFAULTS, MAX_LENGTH) as listener:
+        yield listener
+
+
+@pytest.fixture
+def settings(server):
+    """The server's --max-batch and --queue, put back after a test changes them."""
+    engine = server.engine
+    saved = engine.max_batch, engine.queue
+    yield engine
+    engine.max_batch, engine.queue = saved
 
 
 def expected(loaded, message, history=(), **options):
@@ -49,19 +48,6 @@ def expected(loaded, message, history=(), **options):
     model, tokenizer = loaded
     return generate_response(message, model, tokenizer, CPU, history=list(history), max_length=MAX_LENGTH,
                              **{**DEFAULTS, **options})
-
-
-def request(server, method, path, body=None, headers=None):
-    """(status, headers, body bytes) of one request; a dict body is sent as JSON."""
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
 
 
 def ask(server, **fields):
@@ -140,38 +126,86 @@ def test_the_history_is_what_the_model_reads(server, loaded):
     assert with_history == expected(loaded, message, history) and alone == expected(loaded, message)
 
 
-def test_concurrent_clients_each_get_their_own_answer(server, loaded):
-    messages = ["Hi .", "How are you ?", "What time is it ?", "Bye ."]
-    want = {m: expected(loaded, m, max_new_tokens=12) for m in messages}
+def test_concurrent_clients_each_get_their_own_answer(server, loaded, capsys):
+    """16 clients at once, half of them streaming: all are answered with the defaults (--max-batch 16, --queue 8)."""
+    messages = [f"Message number {i} , {'with more words ' * (i % 4)}?" for i in range(16)]
+    want = {m: expected(loaded, m, max_new_tokens=6 + i % 3) for i, m in enumerate(messages)}
     got = {}
 
     def client(i, m):
-        got[m] = "".join(ask_stream(server, message=m, max_new_tokens=12)) if i % 2 else ask(server, message=m, max_new_tokens=12)
+        fields = dict(message=m, max_new_tokens=6 + i % 3)
+        got[m] = "".join(ask_stream(server, **fields)) if i % 2 else ask(server, **fields)
 
-    server.engine.queue = len(messages)  # all may wait: this test is about answers, not the queue's limit
-    try:
-        threads = [threading.Thread(target=client, args=(i, m)) for i, m in enumerate(messages)]
+    threads = [threading.Thread(target=client, args=(i, m)) for i, m in enumerate(messages)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    lines = [line for line in capsys.readouterr().err.splitlines() if "/api/reply" in line]
+    assert len(lines) == 16 and all(re.fullmatch(r'serve: 127\.0\.0\.1 "POST /api/reply HTTP/1\.1" 200 [\d.]+s', line)
+                                    for line in lines), lines  # one whole line per request
+
+
+def test_waiting_requests_are_generated_together_each_as_if_alone(server, loaded):
+    """Requests that wait while the model is busy go as one batch; a greedy reply in it is the reply alone."""
+    engine = server.engine
+    messages = ["Hi .", "How are you doing today , my friend ?", "What time is it ?", "Bye .",
+                "I would like to book a table for two people tonight , please ."]
+    want = {m: expected(loaded, m, max_new_tokens=5 + i) for i, m in enumerate(messages)}
+    got = {}
+
+    def client(i, m):
+        fields = dict(message=m, max_new_tokens=5 + i)
+        got[m] = "".join(ask_stream(server, **fields)) if i % 2 else ask(server, **fields)
+
+    threads = [threading.Thread(target=client, args=(i, m)) for i, m in enumerate(messages)]
+    with long_stream(server):  # the model is busy: the requests wait
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-    finally:
-        server.engine.queue = 2
+        wait_until(lambda: len(engine.waiting) == len(messages), "all requests wait")
+        sizes = engine.batch_sizes.copy()
+    for t in threads:  # the long stream's client left: the waiting requests are the next batch
+        t.join()
     assert got == want
+    assert engine.batch_sizes - sizes == {len(messages): 1}  # after the long stream, all five in one batch
+
+
+def test_a_client_that_leaves_a_batch_does_not_stop_the_others(server, loaded):
+    engine = server.engine
+    messages = ["Hi .", "What time is it ?", "How are you ?"]
+    want = {m: expected(loaded, m, max_new_tokens=40) for m in messages}
+    got = {}
+    threads = [threading.Thread(target=lambda m=m: got.update({m: "".join(ask_stream(server, message=m, max_new_tokens=40))}))
+               for m in messages]
+    stopped = engine.stopped_early
+    with long_stream(server):
+        for t in threads:
+            t.start()
+        leaver = start_long_stream(server)  # joins the batch of three, and leaves it after its first piece
+        wait_until(lambda: len(engine.waiting) == len(messages) + 1, "the streams wait")
+    with leaver:
+        first_piece(leaver)
+    for t in threads:
+        t.join()
+    assert got == want
+    assert engine.stopped_early == stopped + 2
 
 
 # ---------------------------------------------------------------- bad requests
 
 
 def raw_request(server, data: bytes) -> tuple[int, dict]:
-    """Send bytes as they are (headers http.client would fix); (status, JSON body)."""
+    """Send bytes as they are (what http.client would not send); (status, JSON body)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=300) as s:
         s.sendall(data)
-        s.shutdown(socket.SHUT_WR)  # all is sent: a body shorter than its Content-Length ends here
         answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        while len(body) < length:
+            body += s.recv(65536)
     return int(head.split()[1]), json.loads(body)
 
 
@@ -213,18 +247,18 @@ def test_a_bad_body_is_400_with_a_one_line_reason(server, body, words):
     assert words in error and "\n" not in error and "Traceback" not in error, error
 
 
-def test_bodies_too_large_or_of_unknown_length_are_refused(server):
+def test_bodies_too_large_are_refused(server):
     big = json.dumps({"message": "Hi " * 30_000}).encode()
     status, _, answer = request(server, "POST", "/api/reply", big)
-    assert status == 413 and "limit" in json.loads(answer)["error"]
+    assert status == 413 and "limit is 65536" in json.loads(answer)["error"]
     start = b"POST /api/reply HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    assert raw_request(server, start + b"\r\n")[0] == 411  # no Content-Length
-    assert raw_request(server, start + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")[0] == 411
-    status, error = raw_request(server, start + b"Content-Length: -5\r\n\r\n")
-    assert status == 400 and "Content-Length" in error["error"]
-    assert raw_request(server, start + b"Content-Length: 80\r\n\r\n" + b'{"message": "Hi"}')[0] == 400  # ended early
-    status, error = raw_request(server, b"GET /a b HTTP/1.1\r\n\r\n")  # http.server's own errors are JSON too
-    assert status == 400 and "Bad request syntax" in error["error"]
+    chunk = b"%x\r\n%s\r\n" % (50_000, b"x" * 50_000)
+    status, error = raw_request(server, start + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 2 + b"0\r\n\r\n")
+    assert status == 413 and "limit" in error["error"]  # a chunked body is counted as it comes
+    status, error = raw_request(server, start + b"Content-Length: 5000000\r\n\r\n")
+    assert status == 413 and "5000000" in error["error"]  # refused before it is sent
+    status, error = raw_request(server, start + b"Transfer-Encoding: chunked\r\n\r\n" + b'11\r\n{"message": "Hi"}\r\n0\r\n\r\n')
+    assert status == 200 and error["reply"]
 
 
 def test_unknown_paths_are_404_and_wrong_methods_405(server):
@@ -239,34 +273,69 @@ def test_unknown_paths_are_404_and_wrong_methods_405(server):
 def test_requests_from_other_sites_are_refused(server, loaded):
     body = {"message": "Hi ."}
     assert request(server, "POST", "/api/reply", body, {"Origin": "http://evil.example"})[0] == 403
-    assert request(server, "POST", "/api/reply", body, {"Host": "evil.example"})[0] == 403  # DNS rebinding
+    status, _, answer = request(server, "POST", "/api/reply", body, {"Host": "evil.example"})  # DNS rebinding
+    assert status == 403 and "evil.example" in json.loads(answer)["error"]
+    assert request(server, "GET", "/", headers={"Host": "evil.example:8000"})[0] == 403  # the page too
+    status, _, answer = request(server, "POST", "/v1/chat/completions", {}, {"Host": "evil.example"})
+    assert status == 403 and json.loads(answer)["error"]["type"] == "invalid_request_error"
     same_origin = {"Origin": f"http://127.0.0.1:{server.port}", "Host": f"127.0.0.1:{server.port}"}
     status, _, answer = request(server, "POST", "/api/reply", body, same_origin)
     assert status == 200 and json.loads(answer)["reply"] == expected(loaded, "Hi .")
+    assert request(server, "GET", "/", headers={"Host": f"localhost:{server.port}"})[0] == 200
 
 
-# ---------------------------------------------------------------- one at a time, the queue, clients that leave
+def test_beyond_this_machine_host_names_must_be_allowed(tiny_model, loaded):
+    """Listening on 0.0.0.0 keeps the Host check: addresses pass (they cannot be rebound), names need --allow-host."""
+    with serving(loaded, tiny_model, DEFAULTS, host="0.0.0.0", allow_host=["mybox.lan"]) as listener:
+        assert request(listener, "GET", "/", headers={"Host": f"mybox.lan:{listener.port}"})[0] == 200
+        assert request(listener, "GET", "/", headers={"Host": f"192.168.1.20:{listener.port}"})[0] == 200
+        status, _, answer = request(listener, "GET", "/", headers={"Host": "rebound.example"})
+        assert status == 403 and "--allow-host rebound.example" in json.loads(answer)["error"]
 
 
-def test_a_full_queue_is_503_and_a_waiting_request_is_answered(server, loaded):
-    engine = server.engine
-    result = {}
+def test_a_thousand_idle_connections_leave_the_server_answering(server, loaded):
+    """Past 1,023 descriptors select() failed and every request stopped; 1,100 idle connections are now just idle."""
+    idle = []
     try:
-        with engine.lock:  # as if a long reply were being written
-            engine.queue = 0
-            status, _, answer = request(server, "POST", "/api/reply", {"message": "Hi ."})
-            assert status == 503 and "--queue 0" in json.loads(answer)["error"]
-            engine.queue = 1
-            waiting = threading.Thread(target=lambda: result.update(reply=ask(server, message="Hi .")))
-            waiting.start()
-            while engine.waiting < 1:  # it is in the line now
-                assert waiting.is_alive()
-                threading.Event().wait(0.01)
-            status, _, answer = request(server, "POST", "/api/reply", {"message": "Bye .", "stream": True})
-            assert status == 503 and "retry" in json.loads(answer)["error"]
-        waiting.join()
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=60))
+        assert ask(server, message="Hi .") == expected(loaded, "Hi .")
     finally:
-        engine.queue = 2
+        for s in idle:
+            s.close()
+
+
+def test_the_connection_cap_fits_the_descriptor_limit():
+    """uvicorn answers 503 past the cap; the cap stays below the descriptors the process may open, raised if it can be."""
+    import resource
+
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, saved[1]))  # as under a low `ulimit -n`
+        cap = serve.connection_limit()
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert cap <= soft - serve.FD_MARGIN and cap <= serve.MAX_CONNECTIONS
+        assert soft > 256 or saved[1] == 256  # raised to the hard limit where that is higher
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+# ---------------------------------------------------------------- the queue, clients that leave
+
+
+def test_a_full_queue_is_503_and_a_waiting_request_is_answered(server, loaded, settings):
+    result = {}
+    settings.max_batch, settings.queue = 1, 0  # one at a time, and one waiting (the next batch) at most
+    waiting = threading.Thread(target=lambda: result.update(reply=ask(server, message="Hi .")))
+    with long_stream(server):
+        waiting.start()
+        wait_until(lambda: len(settings.waiting) == 1, "the request waits")
+        status, headers, answer = request(server, "POST", "/api/reply", {"message": "Bye .", "stream": True})
+        assert status == 503 and "--queue 0" in json.loads(answer)["error"] and headers["Retry-After"] == "1"
+        settings.queue = 1
+        status, _, answer = request(server, "POST", "/v1/chat/completions", {"messages": []})
+        assert status == 400  # a bad request is refused before it waits
+    waiting.join()
     assert result["reply"] == expected(loaded, "Hi .")
 
 
@@ -275,15 +344,11 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     engine = server.engine
     steps = []
     handle = model.get_decoder().register_forward_pre_hook(lambda *_: steps.append(1))
-    body = json.dumps({"message": "Tell me a long story .", "stream": True, "max_new_tokens": 1000}).encode()
     try:
         stopped_before = engine.stopped_early
-        with socket.create_connection(("127.0.0.1", server.port), timeout=300) as s:
-            s.sendall(b"POST /api/reply HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            received = b""
-            while b'data: {"text"' not in received:  # the first piece has arrived
-                received += s.recv(4096)
-        # The model lock is free again once the stopped generation ended: this reply comes.
+        with long_stream(server):
+            pass
+        # The model is free again once the stopped generation ended: this reply comes.
         assert ask(server, message="Hi .", max_new_tokens=5) == expected(loaded, "Hi .", max_new_tokens=5)
     finally:
         handle.remove()
@@ -293,22 +358,22 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
 
 def test_an_ipv6_host_may_be_written_as_in_a_url():
     for host in ("::1", "[::1]"):  # the banner says http://[::1]:PORT/; "[::1]" was "Name or service not known"
-        srv = serve.open_server(Namespace(serve=True, host=host, port=0), None)
+        listener = serve.open_server(Namespace(serve=True, host=host, port=0), None)
         try:
-            assert srv.server_address[0] == "::1"
+            assert listener.host == "::1" and listener.url == f"http://[::1]:{listener.port}/"
         finally:
-            srv.server_close()
+            listener.close()
 
 
 def test_a_burst_of_connections_is_taken_at_once():
-    """The listen backlog holds a burst: with socketserver's 5, the 7th connect waited for a SYN retry (1 s, 3 s, ...)."""
-    srv = serve.open_server(Namespace(serve=True, port=0), None)  # not serving yet: nothing accepts, all wait in the backlog
+    """The listen backlog holds a burst: with a backlog of 5, the 7th connect waited for a SYN retry (1 s, 3 s, ...)."""
+    listener = serve.open_server(Namespace(serve=True, port=0), None)  # not serving yet: nothing accepts, all wait
     try:
-        clients = [socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=0.5) for _ in range(40)]
+        clients = [socket.create_connection(("127.0.0.1", listener.port), timeout=0.5) for _ in range(40)]
         for c in clients:
             c.close()
     finally:
-        srv.server_close()
+        listener.close()
 
 
 # ---------------------------------------------------------------- the command line
@@ -347,33 +412,48 @@ def test_bad_serve_flags_are_one_line_errors(tiny_model, capsys):
         one_line_error(capsys, f"--port {port}", "in use")
 
 
+def test_bad_serve_flags_are_one_line_errors_too(tiny_model, capsys):
+    base = ["--checkpoint", str(tiny_model)]
+    assert infer.main([*base, "--serve", "--max-batch", "0"]) == 2
+    one_line_error(capsys, "--max-batch 0")
+    assert infer.main([*base, "--allow-host", "mybox.lan", "Hi"]) == 2
+    one_line_error(capsys, "--allow-host", "--serve")
+
+
+def stream_under_way(port: int) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    connection.request("POST", "/api/reply", json.dumps({"message": "Hi .", "stream": True, "max_new_tokens": 1000}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: {")
+    return response
+
+
 @pytest.mark.slow
-def test_python_infer_py_serve_logs_one_line_per_request_and_ctrl_c_ends_it_in_one_line(tiny_model, loaded):
-    env = script_env(buffered=True)
-    p = subprocess.Popen([sys.executable, "infer.py", "--serve", "--port", "0", "--checkpoint", str(tiny_model),
-                          "--max-new-tokens", "8"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("attempt", range(3))
+def test_python_infer_py_serve_logs_one_line_per_request_and_ctrl_c_ends_it_in_one_line(tiny_model, loaded, attempt):
+    run = launcher.start("infer.py", "--serve", "--port", "0", "--checkpoint", tiny_model, "--max-new-tokens", "8")
     try:
-        banner = p.stderr.readline()
-        port = re.search(r"at http://127\.0\.0\.1:(\d+)/", banner)
-        assert port, banner
-        server = Namespace(port=int(port.group(1)))
+        wait_until(lambda: "Ctrl-C stops" in run.output_so_far(), "the server listens")
+        port = int(re.search(r"at http://127\.0\.0\.1:(\d+)/", run.output_so_far()).group(1))
+        server = Namespace(port=port)
         assert ask(server, message="How are you ?") == expected(loaded, "How are you ?")
         assert request(server, "POST", "/api/reply", b'{"message": ')[0] == 400
-        with socket.create_connection(("127.0.0.1", server.port), timeout=300) as s:  # a client that leaves mid-stream
-            body = b'{"message": "Hi .", "stream": true, "max_new_tokens": 1000}'
-            s.sendall(b"POST /api/reply HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            while b"data: {" not in s.recv(4096):
-                pass
+        with long_stream(server):  # a client that leaves mid-stream
+            pass
         assert ask(server, message="Bye .") == expected(loaded, "Bye .")  # served after the stopped one
-        p.send_signal(signal.SIGINT)
-        err = p.stderr.read()
-        assert p.wait(timeout=300) == 130
-    finally:
-        if p.poll() is None:
-            p.kill()
-    lines = err.strip().splitlines()
-    assert lines[-1] == "infer.py: interrupted" and "Traceback" not in err, err
-    assert len(lines) == 5, err  # one line per request
-    assert '"POST /api/reply HTTP/1.1" 200' in lines[0] and '"POST /api/reply HTTP/1.1" 400' in lines[1]
-    left, served = sorted(lines[2:4], key=lambda line: "client left" not in line)  # either may finish first
+        streaming = stream_under_way(port)
+        os.kill(run.pid, signal.SIGINT)  # Ctrl-C while a reply streams
+        rest = streaming.read()  # the stream ends cleanly: no reset, no half chunk
+        assert events(rest)[-1] == json.dumps({"error": "the server is stopping; this reply was cut short"}), rest[-300:]
+        result = run.wait(60)
+    except BaseException:
+        os.kill(run.pid, signal.SIGKILL)
+        raise
+    assert result.returncode == 130, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "infer.py: interrupted" and "Traceback" not in result.stderr and "Abort" not in result.stderr, lines
+    assert len(lines) == 7, lines  # the banner, one line per request, and the last line
+    assert '"POST /api/reply HTTP/1.1" 200' in lines[1] and '"POST /api/reply HTTP/1.1" 400' in lines[2]
+    left, served = sorted(lines[3:5], key=lambda line: "client left" not in line)  # either may finish first
     assert "client left; generation stopped" in left and '"POST /api/reply HTTP/1.1" 200' in served
+    assert "the server is stopping" in lines[5]

@@ -8,6 +8,7 @@ own (`generation.generation_options`), reported in the API's field names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 
@@ -29,23 +30,43 @@ def limits(defaults: dict) -> dict:
 
 
 class BadRequest(Exception):
-    def __init__(self, code: int, message: str):
+    """A request the server will not answer: the HTTP status, one line, and the field at fault (for the OpenAI shape)."""
+
+    def __init__(self, code: int, message: str, param: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.param = code, param
+
+
+@dataclasses.dataclass
+class Ask:
+    """A request, checked: what to answer, after which turns, and how."""
+
+    message: str
+    history: list[str]
+    options: dict  # every decoding option, the server's defaults filled in
+    seed: int | None = None
+    stream: bool = False
+    stops: tuple[str, ...] = ()
+    include_usage: bool = False  # OpenAI's stream_options
+
+
+def read_json(body: bytes):
+    """The body as JSON, or BadRequest; NaN and Infinity, which JSON does not have, are refused."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "the body is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(400, f"malformed JSON: {first_line(e)}") from None
 
 
 def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_body(body: bytes, defaults: dict) -> tuple[str, list[str], bool, dict, int | None]:
-    """(message, history, stream, decoding options, seed) from a request body, or BadRequest saying what is wrong."""
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise BadRequest(400, "the body is not UTF-8 text") from None
-    except (ValueError, RecursionError) as e:
-        raise BadRequest(400, f"malformed JSON: {first_line(e)}") from None
+def parse_body(body: bytes, defaults: dict) -> Ask:
+    """A POST /api/reply body, checked, or BadRequest saying what is wrong."""
+    data = read_json(body)
     if not isinstance(data, dict):
         raise BadRequest(400, 'the body must be a JSON object, e.g. {"message": "Hi"}')
     if unknown := sorted(set(data) - set(FIELDS)):
@@ -62,16 +83,24 @@ def parse_body(body: bytes, defaults: dict) -> tuple[str, list[str], bool, dict,
         raise BadRequest(400, '"history" must be a list of strings (the earlier turns, oldest first)')
     if not isinstance(stream, bool):
         raise BadRequest(400, '"stream" must be true or false')
+    options, seed = decoding_options(data, defaults)
+    return Ask(message, history, options, seed, stream)
+
+
+def decoding_options(data: dict, defaults: dict, names: dict | None = None) -> tuple[dict, int | None]:
+    """(options, seed) from the fields of ``data`` named as in OPTION_TYPES, or as ``names`` maps them."""
+    names = names or {}
     options = dict(defaults)
-    for name, kind in OPTION_TYPES.items():
-        if name in data:
-            value = data[name]
+    for option, kind in OPTION_TYPES.items():
+        field = names.get(option, option)
+        if field in data:
+            value = data[field]
             if not fits(value, kind):
-                raise BadRequest(400, f'"{name}" must be {KIND_WORDS[kind]}')
-            options[name] = float(value) if kind is float else value
+                raise BadRequest(400, f'"{field}" must be {KIND_WORDS[kind]}', field)
+            options[option] = float(value) if kind is float else value
     seed = options.pop("seed", None)
-    check_options(options, defaults, seed)
-    return message, history, stream, options, seed
+    check_options(options, defaults, seed, names)
+    return options, seed
 
 
 def fits(value, kind) -> bool:
@@ -81,14 +110,20 @@ def fits(value, kind) -> bool:
     return isinstance(value, int) or (kind is float and isinstance(value, float))
 
 
-def check_options(options: dict, defaults: dict, seed):
+def check_options(options: dict, defaults: dict, seed, names: dict):
     """The CLI's range checks (generation_options), in the API's names; and the server's own ceilings."""
+    def field(flag: str) -> str:
+        option = flag.replace("-", "_")
+        return names.get(option, option)
+
     try:
         generation_options(argparse.Namespace(**options))
     except UserError as e:
-        raise BadRequest(400, re.sub(r"--([a-z-]+)", lambda m: m.group(1).replace("-", "_"), str(e))) from None
+        flag = re.search(r"--([a-z-]+)", str(e))
+        raise BadRequest(400, re.sub(r"--([a-z-]+)", lambda m: field(m.group(1)), str(e)),
+                         field(flag.group(1)) if flag else None) from None
     for name, ceiling in limits(defaults).items():
         if options[name] > ceiling:
-            raise BadRequest(400, f"{name} {options[name]} is above this server's limit of {ceiling}")
+            raise BadRequest(400, f"{field(name)} {options[name]} is above this server's limit of {ceiling}", field(name))
     if seed is not None and not 0 <= seed < 2**63:
-        raise BadRequest(400, "seed must be in [0, 2**63)")
+        raise BadRequest(400, "seed must be in [0, 2**63)", "seed")
