@@ -356,6 +356,35 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     assert len(steps) < 1000  # the tiny model never writes </s>: uncancelled, this stream would take 1000 steps
 
 
+def test_a_client_that_leaves_while_waiting_is_dropped_and_its_request_ends(server, loaded, capsys):
+    engine = server.engine
+    body = json.dumps({"message": "Hi .", "max_new_tokens": 50}).encode()
+    with long_stream(server):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=300) as waiting:
+            waiting.sendall(b"POST /api/reply HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            wait_until(lambda: len(engine.waiting) == 1, "the plain request waits")
+        wait_until(lambda: engine.waiting[0].left, "its leaving is seen")
+    assert ask(server, message="Bye .") == expected(loaded, "Bye .")
+    wait_until(lambda: "client left" in capsys.readouterr().err, "the left request's line")  # its handler ended
+
+
+def test_beam_searches_share_a_batch_and_answer_as_alone(server, loaded):
+    engine = server.engine
+    messages = ["Hi .", "How are you doing today , my friend ?", "What time is it ?"]
+    options = dict(num_beams=3, max_new_tokens=10, no_repeat_ngram_size=0)
+    want = {m: expected(loaded, m, **options) for m in messages}
+    got = {}
+    threads = [threading.Thread(target=lambda m=m: got.update({m: ask(server, message=m, **options)})) for m in messages]
+    with long_stream(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(engine.waiting) == len(messages), "the requests wait")
+        sizes = engine.batch_sizes.copy()
+    for t in threads:
+        t.join()
+    assert got == want and engine.batch_sizes - sizes == {3: 1}
+
+
 def test_an_ipv6_host_may_be_written_as_in_a_url():
     for host in ("::1", "[::1]"):  # the banner says http://[::1]:PORT/; "[::1]" was "Name or service not known"
         listener = serve.open_server(Namespace(serve=True, host=host, port=0), None)

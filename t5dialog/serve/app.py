@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from t5dialog.files import first_line
 from t5dialog.serve import openai_api, page
-from t5dialog.serve.batcher import Busy, Engine, Job
+from t5dialog.serve.batcher import CLOSING, Busy, Engine, Job
 from t5dialog.serve.request import BadRequest, Ask, limits, parse_body
 
 MAX_BODY = 64 * 1024  # bytes; a long conversation is a few KiB, and the model reads only max_length tokens of it
@@ -115,7 +115,7 @@ async def reply(request: Request, engine: Engine) -> Response:
                                  headers=EVENT_STREAM)
     async with watch(request, job):
         kind, value = await last_event(job)
-    return JSONResponse({"reply": value}) if kind == "done" else error(request, 500, value)
+    return JSONResponse({"reply": value}) if kind == "done" else failed(request, job, value)
 
 
 async def chat_completions(request: Request, engine: Engine) -> Response:
@@ -133,8 +133,16 @@ async def chat_completions(request: Request, engine: Engine) -> Response:
     async with watch(request, job):
         kind, value = await last_event(job)
     if kind != "done":
-        return error(request, 500, value)
+        return failed(request, job, value)
     return JSONResponse(completion.whole(value, job.finish_reason, usage_of(job)))
+
+
+def failed(request: Request, job: Job, why: str) -> Response:
+    """The answer to a job that ended without a reply: 503 while the server stops, 500 for a failed generation,
+    and for a client that left, nginx's 499 (for the log: nobody reads it)."""
+    if job.left:
+        return Response(status_code=499)
+    return error(request, 503 if why == CLOSING else 500, why)
 
 
 def submit(engine: Engine, ask: Ask) -> Job:

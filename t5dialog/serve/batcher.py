@@ -27,7 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from t5dialog.dialogues import encode_history
 from t5dialog.files import first_line
 from t5dialog.generation import ReplyPieces, decode, generate_tokens
-from t5dialog.models import autocast
+from t5dialog.models import autocast, unused_settings
 
 CLOSING = "the server is stopping; this reply was cut short"
 
@@ -55,13 +55,14 @@ class Job:
         self.pieces = ReplyPieces(self.stops)
 
     def batch_key(self):
-        """Jobs with equal keys can share a batch: everything but max_new_tokens (each row stops at its own)."""
+        """Jobs with equal keys can share a batch: the settings that matter, but max_new_tokens (each row stops at its own).
+
+        A batch of beams stops together, so beam search keeps max_new_tokens in its key.
+        """
         if self.options["do_sample"] and self.seed is not None:
             return ("alone", id(self))
-        key = dict(self.options)
-        if key["num_beams"] == 1:
-            del key["max_new_tokens"]
-        return tuple(sorted(key.items()))
+        unused = unused_settings(self.options) + (("max_new_tokens",) if self.options["num_beams"] == 1 else ())
+        return tuple(sorted((name, value) for name, value in self.options.items() if name not in unused))
 
     @property
     def max_new_tokens(self) -> int:
@@ -164,6 +165,9 @@ class Engine:
         with self.ready:
             while not self.waiting and not self.closing.is_set():
                 self.ready.wait()
+            for job in self.waiting:
+                if job.left:  # gone while it waited
+                    job.send("error", "the client left")
             self.waiting = [job for job in self.waiting if not job.left]
             if not self.waiting:
                 return []
