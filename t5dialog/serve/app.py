@@ -103,38 +103,32 @@ async def list_models(request: Request, engine: Engine) -> JSONResponse:
 
 
 async def reply(request: Request, engine: Engine) -> Response:
-    try:
-        ask = parse_body(await read_body(request), engine.options)
-        job = submit(engine, ask)
-    except BadRequest as e:
-        return error(request, e.code, str(e))
-    except Busy as e:
-        return error(request, 503, str(e), **{"Retry-After": "1"})
-    if ask.stream:
-        return StreamingResponse(api_events(request, job), media_type="text/event-stream; charset=utf-8",
-                                 headers=EVENT_STREAM)
-    async with watch(request, job):
-        kind, value = await last_event(job)
-    return JSONResponse({"reply": value}) if kind == "done" else failed(request, job, value)
+    return await answer(request, engine, parse_body, lambda text, job: {"reply": text}, api_events)
 
 
 async def chat_completions(request: Request, engine: Engine) -> Response:
+    completion = openai_api.Completion(engine.checkpoint.name)
+    return await answer(request, engine, openai_api.parse_chat,
+                        lambda text, job: completion.whole(text, job.finish_reason, usage_of(job)),
+                        partial(chat_events, completion=completion))
+
+
+async def answer(request: Request, engine: Engine, parse, whole, events) -> Response:
+    """Check the body (``parse``), queue the job, and answer: the reply as ``whole(text, job)`` makes it, or
+    ``events(request, job, ask)`` streamed."""
     try:
-        ask = openai_api.parse_chat(await read_body(request), engine.options)
+        ask = parse(await read_body(request), engine.options)
         job = submit(engine, ask)
     except BadRequest as e:
         return error(request, e.code, str(e), e.param)
     except Busy as e:
         return error(request, 503, str(e), **{"Retry-After": "1"})
-    completion = openai_api.Completion(engine.checkpoint.name)
     if ask.stream:
-        return StreamingResponse(chat_events(request, job, completion, ask), media_type="text/event-stream; charset=utf-8",
+        return StreamingResponse(events(request, job, ask), media_type="text/event-stream; charset=utf-8",
                                  headers=EVENT_STREAM)
     async with watch(request, job):
         kind, value = await last_event(job)
-    if kind != "done":
-        return failed(request, job, value)
-    return JSONResponse(completion.whole(value, job.finish_reason, usage_of(job)))
+    return JSONResponse(whole(value, job)) if kind == "done" else failed(request, job, value)
 
 
 def failed(request: Request, job: Job, why: str) -> Response:
@@ -163,7 +157,7 @@ def event(value) -> bytes:
     return b"data: " + json.dumps(value).encode() + b"\n\n"
 
 
-async def api_events(request: Request, job: Job):
+async def api_events(request: Request, job: Job, ask: Ask):
     async with watch(request, job):
         while True:
             kind, value = await next_event(job)
@@ -178,7 +172,7 @@ async def api_events(request: Request, job: Job):
                 return
 
 
-async def chat_events(request: Request, job: Job, completion: openai_api.Completion, ask: Ask):
+async def chat_events(request: Request, job: Job, ask: Ask, completion: openai_api.Completion):
     async with watch(request, job):
         yield event(completion.chunk({"role": "assistant", "content": ""}))
         while True:
