@@ -1,7 +1,7 @@
 """Talk to a fine-tuned checkpoint.
 
     python infer.py "How are you?"          # one response on stdout
-    python infer.py                         # chat (keeps the conversation; /reset, /quit)
+    python infer.py                         # chat (keeps the conversation; /reset, /quit, /help)
     echo "Hi there" | python infer.py       # one response per input line (answered in batches)
     python infer.py --serve                 # a chat page and a JSON API on http://127.0.0.1:8000/ (serve.py)
     python infer.py --checkpoint DIR ...    # a given checkpoint (default: best, else latest)
@@ -42,14 +42,21 @@ warn = functools.partial(cli.warn, "infer.py")
 # ---------------------------------------------------------------- CLI
 
 
+HELP = """commands: /reset forgets the conversation, /quit leaves, /help lists these
+keys: arrows edit the line and Up recalls earlier messages; Ctrl-C stops a reply, Ctrl-D leaves"""
+
+
 def chat(model, tokenizer, device, max_length, options):
     """Interactive chat; the history is trimmed to fit by encode_history; replies show as they are written.
 
     Ctrl-C while the model writes cancels that reply and keeps the
-    conversation; Ctrl-C (or Ctrl-D) at the prompt leaves.
+    conversation; Ctrl-C (or Ctrl-D) at the prompt leaves. A line that
+    starts with / is a command and never reaches the model.
     """
-    print("Chat with the model. /reset forgets the conversation, /quit (or Ctrl-D) leaves; "
-          "Ctrl-C stops a reply.", file=sys.stderr)
+    if sys.stdin.isatty():
+        enable_line_editing()
+    print("Chat with the model. /help lists the commands, /quit (or Ctrl-D) leaves; Ctrl-C stops a reply.",
+          file=sys.stderr)
     history: list[str] = []
     while True:
         try:
@@ -63,6 +70,12 @@ def chat(model, tokenizer, device, max_length, options):
             history = []
             print("(conversation forgotten)", file=sys.stderr)
             continue
+        if text in ("/help", "/?"):
+            print(HELP, file=sys.stderr)
+            continue
+        if text.startswith("/"):  # a mistyped command sent to the model would only get an odd reply
+            print(f"unknown command {text.split()[0]}; /help lists them", file=sys.stderr)
+            continue
         if not text:
             continue
         try:
@@ -71,6 +84,18 @@ def chat(model, tokenizer, device, max_length, options):
             print("\n(reply cancelled; the conversation is kept. Ctrl-C at the prompt leaves)", file=sys.stderr)
             continue
         history += [text, reply]
+
+
+def enable_line_editing():
+    """input() with GNU readline (or libedit): arrow keys edit the line, Up recalls earlier messages.
+
+    Imported only for a terminal: readline writes escape sequences that
+    would land in piped output. Windows' Python has no readline.
+    """
+    try:
+        import readline  # noqa: F401  (importing it is what hooks it into input())
+    except ImportError:
+        pass
 
 
 def say(pieces) -> str:

@@ -433,7 +433,7 @@ def read_until(fd, transcript: bytearray, marker: bytes, after: int = 0) -> bool
 
 
 def wait_until_reading_the_terminal(pid):
-    """Until the program sits in read(0, ...) under its prompt.
+    """Until the program waits for a key under its prompt: in read(0, ...), or in readline's pselect on fd 0.
 
     A ^C that lands between the prompt and the read is seen by Python only
     after the next key (a person never types that fast; a test does).
@@ -443,7 +443,8 @@ def wait_until_reading_the_terminal(pid):
             fields = open(f"/proc/{pid}/syscall").read().split()
         except OSError:
             pytest.skip("needs Linux's /proc/<pid>/syscall to know when the prompt waits for a key")
-        if fields[:2] in (["0", "0x0"], ["63", "0x0"]):  # read(0, ...) on x86-64, arm64
+        # read(0, ...) and pselect6(1, {0}, ...) on x86-64, then arm64
+        if fields[:2] in (["0", "0x0"], ["270", "0x1"], ["63", "0x0"], ["72", "0x1"]):
             return
         time.sleep(0.01)
     raise AssertionError("infer.py never waited for input at its prompt")
