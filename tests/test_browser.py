@@ -8,26 +8,22 @@ Set CHAT_SCREENSHOT=path.png to keep a screenshot of the conversation.
 import json
 import os
 import shutil
-import threading
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
-import torch
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from serving import CPU, serving
 
 from t5dialog.generation import generate_response, load
 from t5dialog.models import GENERATION_DEFAULTS
 from t5dialog.serve import page
-from t5dialog.serve import server as serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="no browser: chromium and chromedriver are not installed "
                                        "(apt-get install chromium chromium-driver)")
-CPU = torch.device("cpu")
 OPTIONS = {**GENERATION_DEFAULTS, "max_new_tokens": 24}  # the server's defaults, which the page's controls start from
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=820,640"]
@@ -40,14 +36,8 @@ def loaded(tiny_model):
 
 @pytest.fixture(scope="module")
 def url(tiny_model, loaded):
-    model, tokenizer = loaded
-    engine = serve.Engine(model, tokenizer, CPU, "fp32", 64, OPTIONS, tiny_model)
-    server = serve.open_server(Namespace(serve=True, port=0), None)
-    thread = threading.Thread(target=serve.serve, args=(server, engine), daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    thread.join()
+    with serving(loaded, tiny_model, OPTIONS) as listener:
+        yield listener.url
 
 
 @pytest.fixture(scope="module")
