@@ -3,7 +3,7 @@
     python infer.py "How are you?"          # one response on stdout
     python infer.py                         # chat (keeps the conversation; /reset, /quit, /help)
     echo "Hi there" | python infer.py       # one response per input line (answered in batches)
-    python infer.py --serve                 # a chat page and a JSON API on http://127.0.0.1:8000/ (serve.py)
+    python infer.py --serve                 # a chat page and two APIs on http://127.0.0.1:8000/ (t5dialog/serve/)
     python infer.py --checkpoint DIR ...    # a given checkpoint (default: best, else latest)
     python infer.py --precision bf16 ...    # bf16 autocast (auto: bf16 on a GPU that has it)
 
