@@ -204,7 +204,7 @@ class ReplyPieces:
             self.stopped = True
             return self._send(visible[:cut].rstrip())
         ready = visible.rstrip()
-        return self._send(ready[:len(ready) - self._maybe_stop(ready)])
+        return self._send(ready[:len(ready) - self._maybe_stop(ready)].rstrip())
 
     def finish(self, reply: str) -> str:
         """What is left to send of ``reply``, the whole reply `generate_ids` gave."""

@@ -93,6 +93,15 @@ def test_a_stop_string_ends_the_reply_before_it(client, loaded):
     assert answer.choices[0].finish_reason == "stop" == chunks[-1].choices[0].finish_reason
 
 
+def test_a_stop_string_in_beam_search_is_a_stop(client, loaded):
+    whole = expected(loaded, HISTORY, max_new_tokens=20, num_beams=2)
+    stop = whole.split()[1]
+    answer = client.chat.completions.create(model="t5", messages=CONVERSATION, max_tokens=20, stop=stop,
+                                            extra_body={"num_beams": 2})
+    assert answer.choices[0].message.content == whole[:whole.index(stop)].rstrip()
+    assert answer.choices[0].finish_reason == "stop"
+
+
 def test_sampling_with_a_seed_is_reproducible_and_temperature_0_is_greedy(client, loaded):
     fields = dict(model="t5", messages=CONVERSATION, temperature=1.5, seed=7, max_tokens=10)
     first = client.chat.completions.create(**fields).choices[0].message.content
@@ -110,7 +119,10 @@ def test_this_servers_own_options_come_as_extra_body(client, loaded):
 
 
 def test_models_names_the_loaded_checkpoint(client, server):
-    assert [m.id for m in client.models.list()] == [server.engine.checkpoint.name]
+    name = server.engine.checkpoint.name
+    assert [m.id for m in client.models.list()] == [name] and client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 REFUSED = [

@@ -273,6 +273,9 @@ def test_unknown_paths_are_404_and_wrong_methods_405(server):
 def test_requests_from_other_sites_are_refused(server, loaded):
     body = {"message": "Hi ."}
     assert request(server, "POST", "/api/reply", body, {"Origin": "http://evil.example"})[0] == 403
+    two_origins = b"POST /api/reply HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: http://evil.example\r\n" % server.port
+    two_origins += b"Origin: http://127.0.0.1:%d\r\nContent-Length: 17\r\n\r\n{\"message\": \"Hi\"}" % server.port
+    assert raw_request(server, two_origins)[0] == 403  # the last Origin does not hide the first
     status, _, answer = request(server, "POST", "/api/reply", body, {"Host": "evil.example"})  # DNS rebinding
     assert status == 403 and "evil.example" in json.loads(answer)["error"]
     assert request(server, "GET", "/", headers={"Host": "evil.example:8000"})[0] == 403  # the page too
@@ -383,6 +386,44 @@ def test_beam_searches_share_a_batch_and_answer_as_alone(server, loaded):
     for t in threads:
         t.join()
     assert got == want and engine.batch_sizes - sizes == {3: 1}
+
+
+def test_a_short_reply_in_a_batch_comes_when_it_ends_not_when_the_batch_does(server, loaded):
+    engine = server.engine
+    result = {}
+    short = threading.Thread(target=lambda: result.update(reply=ask(server, message="Hi .", max_new_tokens=3)))
+    with long_stream(server):
+        long = start_long_stream(server)  # shares the next batch with the short request, and runs on
+        short.start()
+        wait_until(lambda: len(engine.waiting) == 2, "both wait")
+    with long:
+        short.join()  # answered after its 3 tokens, while the long row goes on
+        received = b""
+        while received.count(b'data: {"text"') < 3:  # the long stream is still being written
+            received += long.recv(4096)
+        assert b"[DONE]" not in received
+    assert result["reply"] == expected(loaded, "Hi .", max_new_tokens=3)
+
+
+def test_clients_that_left_free_their_places_in_the_line(server, loaded, settings):
+    settings.max_batch, settings.queue = 1, 1
+    body = json.dumps({"message": "Hi ."}).encode()
+    with long_stream(server):
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=300) as gone:
+                gone.sendall(b"POST /api/reply HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                wait_until(lambda: engine_holds(settings, 1), "it waits")
+        wait_until(lambda: all(job.left for job in settings.waiting), "both are seen to leave")
+        result = {}
+        waiting = threading.Thread(target=lambda: result.update(reply=ask(server, message="Bye .")))
+        waiting.start()  # the line is full of clients that left: this one takes a place
+        wait_until(lambda: any(not job.left for job in settings.waiting), "it waits")
+    waiting.join()
+    assert result["reply"] == expected(loaded, "Bye .")
+
+
+def engine_holds(engine, count: int) -> bool:
+    return sum(not job.left for job in engine.waiting) == count
 
 
 def test_an_ipv6_host_may_be_written_as_in_a_url():

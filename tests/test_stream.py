@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import infer
 from t5dialog import generation
@@ -104,3 +106,13 @@ def test_the_chat_prints_the_reply_while_it_is_written(loaded, monkeypatch, caps
     reply = generate_response("What time is it ?", model, tokenizer, CPU, max_length=64, max_new_tokens=40)
     assert out == f"bot> {reply}\n"
     assert shown_midway[0].startswith("bot> ") and len("bot> ") < len(shown_midway[0]) < len(out)  # part of it, early
+
+
+@settings(max_examples=400)
+@given(st.lists(st.text("a: \n", max_size=4), max_size=8), st.lists(st.text("a: \n", min_size=1, max_size=3), max_size=3))
+def test_reply_pieces_join_to_the_reply_cut_at_its_first_stop(texts, stops):
+    """Whatever the streamer's pieces and the stop strings, what is sent is the final reply, nothing more or less."""
+    pieces = generation.ReplyPieces(stops)
+    sent = "".join(pieces.add(text) for text in texts)
+    reply = "".join(texts).strip()  # what generate_ids gives for the same tokens
+    assert sent + pieces.finish(reply) == pieces.final(reply)

@@ -50,7 +50,8 @@ def build_app(engine: Engine, stopping) -> Starlette:
     routes = [Route("/", partial(page_response, engine=engine), methods=["GET", "HEAD"]),
               Route("/api/reply", partial(reply, engine=engine), methods=["POST"]),
               Route("/v1/chat/completions", partial(chat_completions, engine=engine), methods=["POST"]),
-              Route("/v1/models", partial(list_models, engine=engine), methods=["GET"])]
+              Route("/v1/models", partial(list_models, engine=engine), methods=["GET"]),
+              Route("/v1/models/{name:path}", partial(show_model, engine=engine), methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: crash})
 
 
@@ -99,7 +100,18 @@ async def page_response(request: Request, engine: Engine) -> Response:
 
 
 async def list_models(request: Request, engine: Engine) -> JSONResponse:
-    return JSONResponse(openai_api.model_list(engine.checkpoint.name, int(engine.checkpoint.stat().st_mtime)))
+    return JSONResponse(openai_api.model_list(model_entry(engine)))
+
+
+async def show_model(request: Request, engine: Engine) -> JSONResponse:
+    name = request.path_params["name"]
+    if name != engine.checkpoint.name:
+        return error(request, 404, f"no model {name}; this server has {engine.checkpoint.name}", "model")
+    return JSONResponse(model_entry(engine))
+
+
+def model_entry(engine: Engine) -> dict:
+    return openai_api.model_entry(engine.checkpoint.name, int(engine.checkpoint.stat().st_mtime))
 
 
 async def reply(request: Request, engine: Engine) -> Response:

@@ -48,6 +48,7 @@ class Job:
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     left: bool = False  # the client went away: its row stops
     answered: bool = False  # its handler has read the last event
+    finished: bool = False  # its last event is sent: the rest of its row (pads) is no longer its business
     completion_tokens: int = 0
     finish_reason: str = "stop"  # or "length": it wrote max_new_tokens without ending
 
@@ -84,6 +85,8 @@ class RowStreamer(TextStreamer):
         self.job = job
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.job.finished:  # answered already (its row ended before the batch did)
+            return
         if piece := self.job.pieces.add(text):
             self.job.send("text", piece)
 
@@ -104,18 +107,26 @@ class BatchStreamer:
 
 
 class RowsDone(StoppingCriteria):
-    """Per row: it has written its own max_new_tokens, met a stop string, or lost its client; all rows when closing."""
+    """Per row: it has written its own max_new_tokens or </s>, met a stop string, or lost its client; all rows when closing.
 
-    def __init__(self, jobs: list[Job], closing: threading.Event):
-        self.jobs, self.closing = jobs, closing
+    A row that ends is answered at once (``row_ended``), not when the batch's
+    longest row ends.
+    """
+
+    def __init__(self, jobs: list[Job], closing: threading.Event, eos_token_id: int | None, row_ended):
+        self.jobs, self.closing, self.eos, self.row_ended = jobs, closing, eos_token_id, row_ended
 
     def __call__(self, input_ids, scores, **kwargs):
         written = input_ids.shape[1] - 1  # after the decoder's start token
         if self.closing.is_set():
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = [job.done() or written >= job.max_new_tokens for job in self.jobs]
-        if len(done) != input_ids.shape[0]:  # beam search: rows are beams; a batch of beams stops together
-            done = [all(job.done() for job in self.jobs)] * input_ids.shape[0]
+        if len(self.jobs) != input_ids.shape[0]:  # beam search: rows are beams; a batch of beams stops together
+            return torch.full((input_ids.shape[0],), all(job.done() for job in self.jobs), device=input_ids.device)
+        done = []
+        for job, row in zip(self.jobs, input_ids, strict=True):
+            done.append(job.finished or job.done() or written >= job.max_new_tokens or int(row[-1]) == self.eos)
+            if done[-1] and not job.finished:
+                self.row_ended(job, row)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -154,6 +165,7 @@ class Engine:
         with self.ready:
             if self.closing.is_set():
                 raise Busy(CLOSING)
+            self.drop_left()
             if len(self.waiting) >= self.max_batch + self.queue:
                 raise Busy(f"the model is busy and {len(self.waiting)} requests already wait "
                            f"(--max-batch {self.max_batch} --queue {self.queue}); retry shortly")
@@ -165,16 +177,21 @@ class Engine:
         with self.ready:
             while not self.waiting and not self.closing.is_set():
                 self.ready.wait()
-            for job in self.waiting:
-                if job.left:  # gone while it waited
-                    job.send("error", "the client left")
-            self.waiting = [job for job in self.waiting if not job.left]
+            self.drop_left()
             if not self.waiting:
                 return []
             key = self.waiting[0].batch_key()
             batch = [job for job in self.waiting if job.batch_key() == key][:self.max_batch]
             self.waiting = [job for job in self.waiting if job not in batch]
             return batch
+
+    def drop_left(self):
+        """Forget the waiting jobs whose clients have gone (called holding `ready`)."""
+        for job in self.waiting:
+            if job.left:
+                job.finished = True
+                job.send("error", "the client left")
+        self.waiting = [job for job in self.waiting if not job.left]
 
     def run(self):
         while not self.closing.is_set():
@@ -187,7 +204,8 @@ class Engine:
         options = dict(first.options, max_new_tokens=max(job.max_new_tokens for job in jobs))
         if options["num_beams"] == 1:  # beam search cannot stream: its best beam is known only at the end
             options["streamer"] = BatchStreamer([RowStreamer(self.tokenizer, job) for job in jobs])
-        options["stopping_criteria"] = StoppingCriteriaList([RowsDone(jobs, self.closing)])
+        ended = RowsDone(jobs, self.closing, self.tokenizer.eos_token_id, self.finish)
+        options["stopping_criteria"] = StoppingCriteriaList([ended])
         try:
             if first.seed is not None:
                 torch.manual_seed(first.seed)
@@ -195,16 +213,22 @@ class Engine:
                 rows = generate_tokens([job.ids for job in jobs], self.model, self.tokenizer, self.device, **options)
         except Exception as error:  # one line for each client and the log; the server keeps serving
             for job in jobs:
-                job.send("error", f"generation failed: {type(error).__name__}: {first_line(error)}")
+                if not job.finished:
+                    job.finished = True
+                    job.send("error", f"generation failed: {type(error).__name__}: {first_line(error)}")
             return
-        for job, reply, row in zip(jobs, decode(self.tokenizer, rows), rows, strict=True):
-            self.finish(job, reply, row)
+        for job, row in zip(jobs, rows, strict=True):
+            if not job.finished:
+                self.finish(job, row)
 
-    def finish(self, job: Job, reply: str, row: torch.Tensor):
+    def finish(self, job: Job, row: torch.Tensor):
+        """Send a job its last events, from its row of output ids (the decoder's start token first)."""
+        job.finished = True
+        reply = decode(self.tokenizer, row[None])[0]
         written = row[1:]
         job.completion_tokens = int((written != self.tokenizer.pad_token_id).sum())
         ended = self.tokenizer.eos_token_id in written.tolist()
-        job.finish_reason = "stop" if ended or job.pieces.stopped else "length"
+        job.finish_reason = "stop" if ended or job.pieces.stopped or job.pieces.cut(reply) is not None else "length"
         if job.left:
             self.stopped_early += 1
             job.send("error", "the client left")

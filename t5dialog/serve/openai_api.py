@@ -166,5 +166,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_list(name: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "t5-dailydialog"}]}
+def model_entry(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "t5-dailydialog"}
+
+
+def model_list(entry: dict) -> dict:
+    return {"object": "list", "data": [entry]}

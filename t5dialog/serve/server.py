@@ -5,9 +5,9 @@ second, not after the load. Two small ASGI layers wrap the app: `HostGuard`
 refuses requests that a web page elsewhere makes through the user's browser
 (DNS rebinding, cross-site posts), and `RequestLog` writes one whole line
 per request. uvicorn's own messages come out as one line each, never a
-traceback. Ctrl-C (SIGINT) and SIGTERM stop the server: open streams end at
-their next token with an error event, and `run_script` prints one line and
-exits 130.
+traceback. Ctrl-C (SIGINT) stops the server: open streams end at their next
+token with an error event, and `run_script` prints one line and exits 130.
+SIGTERM stops it the same way, then ends the process as SIGTERM does (143).
 """
 
 from __future__ import annotations
@@ -206,11 +206,11 @@ class HostGuard:
         await self.app(scope, receive, send)
 
     def refusal(self, scope) -> str | None:
-        headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-        host = headers.get("host", "")
-        origin = headers.get("origin")
-        if origin is not None and origin != f"http://{host}":
-            return f"cross-site request from {origin} refused; use the chat page this server serves"
+        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in scope["headers"]]
+        host = next((value for name, value in headers if name == "host"), "")
+        for origin in (value for name, value in headers if name == "origin"):  # every one, should there be two
+            if origin != f"http://{host}":
+                return f"cross-site request from {origin} refused; use the chat page this server serves"
         name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
         if name and not is_address(name) and name.lower() not in self.listener.allowed:
             return (f"Host {host} is not a name this server answers to; open {self.listener.url}"
