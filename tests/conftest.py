@@ -53,6 +53,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    """(model, tokenizer) of tiny_model on the CPU, as infer.py loads a checkpoint; one per test module."""
+    from t5dialog.generation import load
+
+    return load(tiny_model, torch.device("cpu"))
+
+
 def assert_user_error(result, *words):
     """Exit code 2, one line on stderr naming the problem, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])

@@ -15,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from serving import CPU, serving
 
-from t5dialog.generation import generate_response, load
+from t5dialog.generation import generate_response
 from t5dialog.models import GENERATION_DEFAULTS
 from t5dialog.serve import page
 
@@ -27,11 +27,6 @@ needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 OPTIONS = {**GENERATION_DEFAULTS, "max_new_tokens": 24}  # the server's defaults, which the page's controls start from
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=820,640"]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load(tiny_model, CPU)
 
 
 @pytest.fixture(scope="module")

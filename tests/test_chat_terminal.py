@@ -7,17 +7,11 @@ import signal
 import sys
 
 import pytest
-import torch
 from conftest import ROOT, script_env
 
 import infer
 from t5dialog import generation
 from t5dialog.models import GENERATION_DEFAULTS
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return generation.load(tiny_model, torch.device("cpu"))
 
 
 def chat_with(loaded, monkeypatch, lines: list[str]) -> list[str]:

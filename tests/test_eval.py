@@ -16,7 +16,6 @@ import eval as evaluation
 import infer
 from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
 from t5dialog import checkpoint as ckpt
-from t5dialog import generation
 from t5dialog.metrics import perplexity
 from t5dialog.validation import target_nll
 
@@ -25,11 +24,6 @@ SAMPLE_KEYS = {"context", "reference", "response"}
 REPORT_KEYS = {"checkpoint", "data", "data_sha256", "num_pairs", "decoding", "metrics"}
 METRIC_KEYS = {"perplexity", "bleu1", "bleu2", "bleu4_corpus", "distinct1", "distinct2", "f1", "avg_len", "top10_share",
                "ref_distinct1", "ref_distinct2", "ref_avg_len"}
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return generation.load(tiny_model, CPU)
 
 
 def read_samples(folder):

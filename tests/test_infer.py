@@ -20,12 +20,6 @@ from t5dialog import generation
 from t5dialog.cli import UserError
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    model, tokenizer = generation.load(tiny_model, torch.device("cpu"))
-    return model, tokenizer
-
-
 @pytest.mark.slow
 def test_one_shot_prints_only_the_response_on_stdout(tiny_model):
     result = run_cli("infer.py", "--checkpoint", tiny_model, "How are you?", "--max-new-tokens", "8")

@@ -7,7 +7,7 @@ import pytest
 from serving import CPU, request, serving
 
 from dataset import encode_history
-from t5dialog.generation import generate_response, load
+from t5dialog.generation import generate_response
 from t5dialog.models import GENERATION_DEFAULTS
 
 MAX_LENGTH = 64
@@ -15,11 +15,6 @@ DEFAULTS = {**GENERATION_DEFAULTS, "max_new_tokens": 8}
 CONVERSATION = [{"role": "user", "content": "Hello there ."}, {"role": "assistant", "content": "Hi , can I help you ?"},
                 {"role": "user", "content": "What time is it ?"}]
 HISTORY = [m["content"] for m in CONVERSATION]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load(tiny_model, CPU)
 
 
 @pytest.fixture(scope="module")

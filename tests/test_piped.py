@@ -10,18 +10,12 @@ import torch
 from conftest import ROOT, run_cli, script_env
 
 import infer
-from t5dialog.generation import load
 from t5dialog.piped import line_batches
 
 CPU = torch.device("cpu")
 LINES = [f"{w} , how are you {i} ?" if i % 7 else "What time is it ?" for i, w in
          enumerate(["Hello", "Hi", "Good morning", "Excuse me", "Well"] * 8)]  # 40: a full batch of 32, then 8
 LINES[5] = ""  # an empty line is answered with an empty line, in its place
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load(tiny_model, CPU)
 
 
 def one_at_a_time(loaded, lines, **options):

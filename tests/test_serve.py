@@ -15,17 +15,12 @@ from serving import CPU, first_piece, long_stream, request, serving, start_long_
 
 import infer
 from dataset import encode_history
-from t5dialog.generation import generate_response, load
+from t5dialog.generation import generate_response
 from t5dialog.models import GENERATION_DEFAULTS
 from t5dialog.serve import server as serve
 
 MAX_LENGTH = 64
 DEFAULTS = {**GENERATION_DEFAULTS, "max_new_tokens": 8}
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load(tiny_model, CPU)
 
 
 @pytest.fixture(scope="module")

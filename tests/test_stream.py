@@ -11,14 +11,9 @@ from hypothesis import strategies as st
 
 import infer
 from t5dialog import generation
-from t5dialog.generation import generate_response, load, stream_response
+from t5dialog.generation import generate_response, stream_response
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load(tiny_model, CPU)
 
 
 @pytest.mark.parametrize("options", [dict(max_new_tokens=30), dict(max_new_tokens=30, no_repeat_ngram_size=0),
