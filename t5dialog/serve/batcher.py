@@ -4,7 +4,8 @@ A request becomes a `Job`. One worker thread owns the model: it takes the
 oldest waiting job and every other waiting job whose decoding settings can
 share its batch (up to ``max_batch``), and runs one `generate` for them.
 Each row streams to its own job; a row ends on its own (its max_new_tokens,
-a stop string, a client that left) while the others go on. A seeded sampled
+</s>, a stop string, a client that left) and is answered at that step, while
+the others go on. A seeded sampled
 request runs alone, so that its seed alone decides its reply. Waiting is
 bounded: ``queue`` counts the jobs beyond what the next batch takes, and
 past it a request is refused at once (Busy, a 503) rather than left waiting.
