@@ -123,9 +123,10 @@ class RowsDone(StoppingCriteria):
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if len(self.jobs) != input_ids.shape[0]:  # beam search: rows are beams; a batch of beams stops together
             return torch.full((input_ids.shape[0],), all(job.done() for job in self.jobs), device=input_ids.device)
+        wrote_eos = (input_ids[:, -1] == self.eos).tolist()  # one read per step, not one per row
         done = []
-        for job, row in zip(self.jobs, input_ids, strict=True):
-            done.append(job.finished or job.done() or written >= job.max_new_tokens or int(row[-1]) == self.eos)
+        for job, row, eos in zip(self.jobs, input_ids, wrote_eos, strict=True):
+            done.append(job.finished or job.done() or written >= job.max_new_tokens or eos)
             if done[-1] and not job.finished:
                 self.row_ended(job, row)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
