@@ -21,6 +21,7 @@ from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -38,8 +39,9 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
 EVENT_STREAM = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-def build_app(engine: Engine, stopping) -> Starlette:
-    """The app; ``stopping()`` says the server is shutting down (uvicorn's should_exit), so open streams end now."""
+def build_app(engine: Engine, stopping, refusal) -> Starlette:
+    """The app; ``stopping()`` says the server is shutting down (uvicorn's should_exit), so open streams end now;
+    ``refusal(headers)`` says why a request from a foreign page is refused (server.HostGuard)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -52,7 +54,20 @@ def build_app(engine: Engine, stopping) -> Starlette:
               Route("/v1/chat/completions", partial(chat_completions, engine=engine), methods=["POST"]),
               Route("/v1/models", partial(list_models, engine=engine), methods=["GET"]),
               Route("/v1/models/{name:path}", partial(show_model, engine=engine), methods=["GET"])]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: crash})
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(RefuseForeign, refusal=refusal)],
+                     exception_handlers={HTTPException: http_error, Exception: crash})
+
+
+class RefuseForeign:
+    """A 403, in the answer shape of its path, for every request ``refusal`` names a reason for (the page too)."""
+
+    def __init__(self, app, refusal):
+        self.app, self.refusal = app, refusal
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (why := self.refusal(scope["headers"])):
+            return await error(Request(scope), 403, why)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def close_when_stopping(engine: Engine, stopping):

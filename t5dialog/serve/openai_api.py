@@ -23,7 +23,7 @@ import time
 import uuid
 
 from t5dialog.dialogues import EmptyPrompt, check_prompt
-from t5dialog.serve.request import Ask, BadRequest, decoding_options, fits, read_json
+from t5dialog.serve.request import Ask, BadRequest, decoding_options, fits, parse_json
 
 ROLES = {"system", "developer", "user", "assistant"}
 HARMLESS = {"model", "user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "safety_identifier",
@@ -37,7 +37,7 @@ MAX_STOPS = 4
 
 def parse_chat(body: bytes, defaults: dict) -> Ask:
     """A /v1/chat/completions body, checked, or BadRequest naming the field at fault."""
-    data = read_json(body)
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise BadRequest(400, 'the body must be a JSON object with "messages"')
     if unknown := sorted(set(data) - KNOWN):

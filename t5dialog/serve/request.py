@@ -50,7 +50,7 @@ class Ask:
     include_usage: bool = False  # OpenAI's stream_options
 
 
-def read_json(body: bytes):
+def parse_json(body: bytes):
     """The body as JSON, or BadRequest; NaN and Infinity, which JSON does not have, are refused."""
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
@@ -66,7 +66,7 @@ def _no_constant(name):
 
 def parse_body(body: bytes, defaults: dict) -> Ask:
     """A POST /api/reply body, checked, or BadRequest saying what is wrong."""
-    data = read_json(body)
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise BadRequest(400, 'the body must be a JSON object, e.g. {"message": "Hi"}')
     if unknown := sorted(set(data) - set(FIELDS)):

@@ -1,10 +1,10 @@
 """`python infer.py --serve`: the flags, the listening socket, and uvicorn running the app (app.py).
 
 The socket is bound before the model loads, so that a busy port fails in a
-second, not after the load. Two small ASGI layers wrap the app: `HostGuard`
-refuses requests that a web page elsewhere makes through the user's browser
-(DNS rebinding, cross-site posts), and `RequestLog` writes one whole line
-per request. uvicorn's own messages come out as one line each, never a
+second, not after the load. `HostGuard` is the rule that refuses requests a
+web page elsewhere makes through the user's browser (DNS rebinding,
+cross-site posts), and `RequestLog`, an ASGI layer around the app, writes
+one whole line per request. uvicorn's own messages come out as one line each, never a
 traceback. Ctrl-C (SIGINT) stops the server: open streams end at their next
 token with an error event, and `run_script` prints one line and exits 130.
 SIGTERM stops it the same way, then ends the process as SIGTERM does (143).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
-import json
 import logging
 import resource
 import socket
@@ -57,19 +56,16 @@ def exposure_warning(host: str) -> str | None:
             f"use --host {HOST} to keep it to this machine")
 
 
+def address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``host`` writes ([::1] as URLs write it too); None for a name."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
 def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
+    return (ip := address(host)) is not None and ip.is_loopback
 
 
 class Listener:
@@ -148,7 +144,7 @@ def serve(listener: Listener, model, tokenizer, device, precision, max_length, o
     engine = listener.engine = Engine(model, tokenizer, device, precision, max_length, options, checkpoint,
                                       listener.queue, listener.max_batch)
     config = uvicorn.Config(
-        RequestLog(HostGuard(build_app(engine, lambda: server.should_exit), listener)),
+        RequestLog(build_app(engine, lambda: server.should_exit, HostGuard(listener).refusal)),
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5,
         limit_concurrency=connection_limit(), server_header=False, date_header=False)
     server = listener.uvicorn = uvicorn.Server(config)
@@ -183,7 +179,7 @@ def connection_limit() -> int:
 
 
 class HostGuard:
-    """Refuses (403) what a web page on another site makes the user's browser send here.
+    """What a web page on another site makes the user's browser send here, refused (403 through `app.RefuseForeign`).
 
     A page elsewhere may POST here (its Origin then names that site), and one
     whose DNS name was pointed at this machine (DNS rebinding) sends its own
@@ -192,34 +188,21 @@ class HostGuard:
     --allow-host. curl and scripts send their own Host and no Origin.
     """
 
-    def __init__(self, app, listener: Listener):
-        self.app, self.listener = app, listener
+    def __init__(self, listener: Listener):
+        self.listener = listener
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (refusal := self.refusal(scope)):
-            body = (b'{"error": {"message": %s, "type": "invalid_request_error", "param": null, "code": null}}'
-                    if scope["path"].startswith("/v1/") else b'{"error": %s}') % json_text(refusal)
-            await send({"type": "http.response.start", "status": 403,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-    def refusal(self, scope) -> str | None:
-        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in scope["headers"]]
+    def refusal(self, raw_headers) -> str | None:
+        """Why a request with these headers is refused; None when it is fine."""
+        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw_headers]
         host = next((value for name, value in headers if name == "host"), "")
         for origin in (value for name, value in headers if name == "origin"):  # every one, should there be two
             if origin != f"http://{host}":
                 return f"cross-site request from {origin} refused; use the chat page this server serves"
         name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
-        if name and not is_address(name) and name.lower() not in self.listener.allowed:
+        if name and address(name) is None and name.lower() not in self.listener.allowed:
             return (f"Host {host} is not a name this server answers to; open {self.listener.url}"
                     f"{'' if is_loopback(self.listener.host) else ' or start it with --allow-host ' + name}")
         return None
-
-
-def json_text(text: str) -> bytes:
-    return json.dumps(text).encode()
 
 
 class RequestLog:
