@@ -13,11 +13,10 @@ with its own http.client connection that sends streaming `POST /api/reply` reque
   first token      one request's time until its first `data: {"text": ...}` event (p50, p95)
   whole reply      one request's time until `data: [DONE]` (p50, p95)
 
-When the server has --max-batch (it generates waiting requests together), it runs twice: batched
-(--max-batch, default 16) at every level, and one request at a time (`--max-batch 1`) at the
-largest level, so the table shows what batching buys. A server without the flag answers one
-request at a time anyway: it is measured at every level. Both get --queue (default 32) so that
-no client is refused with 503.
+The server runs twice: batched (--max-batch, default 16; it generates waiting requests
+together) at every level, and one request at a time (`--max-batch 1`) at the largest level, so
+the table shows what batching buys. Both get --queue (default 32) so that no client is refused
+with 503.
 
 Tokens: without --checkpoint the bench builds its own model (models.build_scratch's shape, random
 weights, a tokenizer trained on data/sample) whose output layer can only ever pick whole words
@@ -160,15 +159,6 @@ class Served:
         self.close()
 
 
-def has_flag(flag: str) -> bool:
-    """Whether this version of infer.py takes ``flag``."""
-    out = subprocess.run([sys.executable, "infer.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out.stdout) is not None
-
-
-# ---------------------------------------------------------------- clients
-
-
 def post(connection: http.client.HTTPConnection, body: dict) -> http.client.HTTPResponse:
     connection.request("POST", "/api/reply", json.dumps(body), {"Content-Type": "application/json"})
     return connection.getresponse()
@@ -268,10 +258,8 @@ def concurrency(args):
             model_line = (f"random T5 {made['config']}, {made['parameters'] / 1e6:.1f}M parameters, vocabulary "
                           f"{made['vocabulary']} ({made['writable_words']} whole words it can write); "
                           f"prompt {prompt_tokens} tokens; every reply is {args.max_new_tokens} tokens (checked)")
-        batching = has_flag("--max-batch")
         arms = [("batched", [f"--max-batch={args.max_batch}"], args.clients),
-                ("one at a time", ["--max-batch=1"], [max(args.clients)])] if batching else \
-               [("one at a time (no --max-batch)", [], args.clients)]
+                ("one at a time", ["--max-batch=1"], [max(args.clients)])]
         body = {"message": args.prompt, "max_new_tokens": args.max_new_tokens}
         threads = os.environ.get("OMP_NUM_THREADS", "1")
         print(f"{model_line}\nmax_new_tokens {args.max_new_tokens}, {args.requests} requests per level, "
@@ -300,7 +288,7 @@ def concurrency(args):
               f"{r['whole_p50_s'] * 1000:,.0f} / {r['whole_p95_s'] * 1000:,.0f} ms |")
     top = max(args.clients)
     by = {(r["server"], r["clients"]): r for r in rows}
-    if batching and ("batched", top) in by:
+    if ("batched", top) in by:
         gain = by["batched", top]["tokens_per_s"] / by["one at a time", top]["tokens_per_s"]
         print(f"\n{top} clients: batched {gain:.2f}x the tokens/s of one at a time")
     if args.json:
