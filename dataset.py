@@ -13,7 +13,6 @@ works as it always did::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,9 +21,11 @@ from t5dialog.dialogues import (
     EOU,
     SEPARATOR,
     DataError,
+    DialogueFile,
     Pairs,
     as_text,
     assemble_input,
+    dialogue_file,
     dialogue_pairs,
     encode_history,
     encode_target,
@@ -33,11 +34,11 @@ from t5dialog.dialogues import (
     separator_ids,
     split_lines,
 )
-from t5dialog.files import sha256
 
-__all__ = ["DailyDialogDataset", "DatasetStats", "load_datasets", "EOU", "SEPARATOR", "DataError", "Pairs", "as_text",
-           "assemble_input", "dialogue_pairs", "encode_history", "encode_target", "holdout", "read_dialogues",
-           "split_lines", "batch_cost", "collate", "collated_steps", "padding_efficiency", "token_budget_batches"]
+__all__ = ["DailyDialogDataset", "DatasetStats", "load_datasets", "EOU", "SEPARATOR", "DataError", "DialogueFile", "Pairs",
+           "as_text", "assemble_input", "dialogue_file", "dialogue_pairs", "encode_history", "encode_target", "holdout",
+           "read_dialogues", "split_lines", "batch_cost", "collate", "collated_steps", "padding_efficiency",
+           "token_budget_batches"]
 
 @dataclass
 class DatasetStats:
@@ -70,13 +71,15 @@ class DailyDialogDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, tokenizer, path, max_length: int = 512, max_target_length: int = 128, dialogue_ids=None):
-        """``dialogue_ids``: use only these dialogues of the file (by index), e.g. a held-out share."""
-        self.path = Path(path)
+        """``path``: a DailyDialog file, or the `DialogueFile` already read from it (a run reads each file once).
+        ``dialogue_ids``: use only these dialogues of the file (by index), e.g. a held-out share."""
+        source = dialogue_file(path)
+        self.path = source.path
         self.max_length, self.max_target_length = max_length, max_target_length
-        dialogues, skipped = read_dialogues(self.path)
+        dialogues, skipped = source.dialogues, source.skipped
         if dialogue_ids is not None:
             dialogues = [dialogues[i] for i in dialogue_ids]
-        self.sha256 = sha256(self.path)  # what a resumed run checks it still has
+        self.sha256 = source.sha256  # of the bytes parsed: what a resumed run checks it still has
         self.pairs = Pairs(dialogues, max_turns=max_length)  # more turns never fit: each costs a separator
 
         # Tokenize each distinct turn once, in one batched call of the fast
@@ -117,15 +120,19 @@ class DailyDialogDataset(torch.utils.data.Dataset):
         return {k: v[0] for k, v in collate([self.examples[i]], self.pad_id, self.max_length, self.max_target_length).items()}
 
 
-def load_datasets(args, tokenizer):
-    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out."""
+def load_datasets(args, tokenizer, train=None, val=None):
+    """Training and validation sets; without a validation file, a seeded share of whole dialogues is held out.
+
+    ``train``/``val``: the `DialogueFile` already read from args.train_file/args.val_file, else they are read now.
+    """
     lengths = (args.max_length, args.max_target_length)
+    train = dialogue_file(train or args.train_file)
     if args.val_file:
-        return (DailyDialogDataset(tokenizer, args.train_file, *lengths), DailyDialogDataset(tokenizer, args.val_file, *lengths))
-    dialogues = len(read_dialogues(args.train_file)[0])
-    if dialogues < 2:
+        return (DailyDialogDataset(tokenizer, train, *lengths),
+                DailyDialogDataset(tokenizer, val or args.val_file, *lengths))
+    if len(train.dialogues) < 2:
         raise DataError(f"{args.train_file}: one dialogue cannot be split into training and validation; "
                         "pass --val-file or use more dialogues")
-    train_ids, val_ids = holdout(dialogues, args.val_share, args.seed)
-    return (DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=train_ids),
-            DailyDialogDataset(tokenizer, args.train_file, *lengths, dialogue_ids=val_ids))
+    train_ids, val_ids = holdout(len(train.dialogues), args.val_share, args.seed)
+    return (DailyDialogDataset(tokenizer, train, *lengths, dialogue_ids=train_ids),
+            DailyDialogDataset(tokenizer, train, *lengths, dialogue_ids=val_ids))

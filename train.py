@@ -7,8 +7,9 @@
 
 Top to bottom: `run`, a table of contents (output dir, data, model, state,
 restore, fit, finish) -> `fit`, the loop, with `train_step`, `validate`,
-logging and `save` beside it. The flags live in flags.py, checkpoints in
-checkpoint.py (atomic, verified), the validation loss in validation.py. A
+logging and `save` beside it. The flags live in flags.py, the batch plan and
+learning-rate schedule in plan.py, checkpoints in checkpoint.py (atomic,
+verified), the validation loss in validation.py. A
 checkpoint saves the loop's counters (`TrainingState`, SAVED) with the
 optimizer and RNG states; `--resume` loads them in `restore`.
 """
@@ -16,6 +17,7 @@ optimizer and RNG states; `--resume` loads them in `restore`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
@@ -25,26 +27,33 @@ from pathlib import Path
 
 import torch
 
-from dataset import collated_steps, load_datasets, read_dialogues, token_budget_batches
+from dataset import collated_steps, dialogue_file, load_datasets
 from t5dialog import checkpoint as ckpt
-from t5dialog import distributed, flags, modelcard, models, outdir, runlog, training_files
+from t5dialog import distributed, estimate, flags, modelcard, models, outdir, runlog, training_files
 from t5dialog.cli import UserError, run_script
 from t5dialog.faults import fault
-from t5dialog.validation import validation_loss
+from t5dialog.plan import epoch_plan, lr_at, plan_key, schedule_position, total_steps
+from t5dialog.validation import validation_loss, validation_set_id
 
 ROOT = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
+    stop = distributed.StopFlag()  # the README's signal table holds from here to exit
     try:
-        return run_script("train.py", run, argv, rerun="rerun with --resume (the last checkpoint is intact)",
+        return run_script("train.py", functools.partial(run, stop=stop), argv,
+                          rerun="rerun with --resume (the last checkpoint is intact)",
                           out_of_memory="lower --max-tokens (and raise --grad-accum to keep the step size), "
                                         "then rerun with --resume")
+    except distributed.Stopped as e:  # before the first step or after the last: nothing unsaved
+        print(f"train.py: stopped by {stop.name(e.signum)} {e.when}; every checkpoint written is kept", file=sys.stderr)
+        return 128 + e.signum
     finally:
+        stop.restore()
         distributed.shutdown()
 
 
-def run(argv) -> int:
+def run(argv, stop) -> int:
     args, typed = flags.parse(argv)
     out, lock, resume_from, damaged = outdir.open_run_dir(args.output_dir, args.resume, distributed.is_main_process())
     if resume_from:
@@ -55,44 +64,48 @@ def run(argv) -> int:
     for message in damaged:
         log(message)
     precision = models.resolve_precision(args.precision, device)
-    data_note = pick_data(args, rank, world, log)
-    model, tokenizer, saved = load_model(args, typed, resume_from, log)
+    data_note, train_file, val_file = pick_data(args, rank, world, log)
+    model, tokenizer, saved = load_model(args, typed, resume_from, train_file, log)
     log(data_note)
-    train_ds, val_ds = load_datasets(args, tokenizer)
+    train_ds, val_ds = load_datasets(args, tokenizer, train_file, val_file)
+    fault("startup", "loaded")
     distributed.check_same_everywhere("model and data", (args.model, len(tokenizer), plan_key(args, train_ds)), world)
     if rank == 0:  # only now, when nothing is left to refuse, does the run create or change files
         lock = outdir.lock_output_dir(out, args.resume, lock, log)
     settings, state = setup(args, out, device, rank, world, log, precision, model, tokenizer, train_ds, val_ds)
+    last_step = total_steps(args, train_ds, world)
     if saved is not None:
-        restore(state, saved, settings, resume_from)
-    settings = replace(settings, total_steps=total_steps(args, train_ds, world) + state.step_offset)
-    if saved is not None and state.step >= settings.total_steps:
-        raise UserError(f"{resume_from.name} is already at step {state.step} of {settings.total_steps}: nothing to resume; "
-                        "raise --epochs or --max-steps to train longer")
+        last_step = restore(state, saved, settings, resume_from, last_step)
+    settings = replace(settings, total_steps=last_step)
     if rank == 0:
         runlog.truncate_metrics(out, state.step)  # rows past the checkpoint (or all, starting over) are redone
         outdir.write_lock_holder(lock)
     runlog.banner(settings, model)
-    code = fit(state, settings)
+    log_cost(state, settings, fresh=saved is None)
+    stop.start_training()
+    code = fit(state, settings, stop)
+    if code == 0:
+        stop.end_training()
     if code == 0 and rank == 0:
         finish(state, settings)
     return code
 
 
-def pick_data(args, rank: int, world: int, log) -> str:
-    """--train-file/--val-file as chosen (rank 0 may download first); returns the line saying what the data is."""
+def pick_data(args, rank: int, world: int, log):
+    """--train-file/--val-file as chosen (rank 0 may download first), each read once (a `DialogueFile`, or
+    None for no validation file); returns (the line saying what the data is, training file, validation file)."""
     if rank == 0:
         choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=True, log=log)
     distributed.barrier(world)  # rank 0 may have downloaded the corpus; the others now find it
     if rank > 0:
         choice = training_files.choose_data(args.train_file, args.val_file, args.no_download, may_download=False, log=log)
     args.train_file, args.val_file = choice.train_file, choice.val_file  # recorded in run_config.json as chosen
-    for path in filter(None, (args.train_file, args.val_file)):
-        read_dialogues(path)  # a bad data file fails now, not after the model has loaded
-    return choice.note(args.val_share, args.seed)
+    # Read now, so a bad data file fails before the model loads; parsed from the bytes that are hashed.
+    train_file, val_file = (dialogue_file(path) if path else None for path in (args.train_file, args.val_file))
+    return choice.note(args.val_share, args.seed), train_file, val_file
 
 
-def load_model(args, typed: set[str], resume_from: Path | None, log):
+def load_model(args, typed: set[str], resume_from: Path | None, train_file, log):
     """(model, tokenizer, saved training state or None): the checkpoint resumed, else --model."""
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
@@ -101,7 +114,7 @@ def load_model(args, typed: set[str], resume_from: Path | None, log):
     enable_progress_bars()  # ...but a model downloaded from the hub shows how far it got
     if resume_from:
         return (*models.load_checkpoint(resume_from), ckpt.load_training_state(resume_from))
-    model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, args.train_file,
+    model, tokenizer, args.model = models.choose_model(args.model, "model" in typed, train_file,
                                                        args.scratch_vocab_size, args.seed, log)
     return model, tokenizer, None
 
@@ -121,6 +134,7 @@ class Settings:
     train_ds: object
     val_ds: object
     forward: object  # the model, DDP-wrapped and/or compiled
+    val_set_id: str  # validation.validation_set_id: "best" compares losses measured on this set only
     total_steps: int = 0
 
 
@@ -154,34 +168,13 @@ def setup(args, out, device, rank, world, log, precision, model, tokenizer, trai
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if args.compile:  # after DDP, so gradient all-reduce overlaps the compiled backward
         forward = torch.compile(forward)
-    settings = Settings(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward)
+    settings = Settings(args, out, device, rank, world, log, precision, tokenizer, train_ds, val_ds, forward,
+                        validation_set_id(val_ds))
     state = TrainingState(model, make_optimizer(model, args, device), first_bad_step=torch.full((), math.inf, device=device))
     return settings, state
 
 
-# ---------------------------------------------------------------- data
-
-
-def epoch_plan(train_ds, args, epoch: int, world: int, start: int = 0) -> list[list[list[int]]]:
-    """The epoch's optimizer steps from its batch ``start`` on, each a list of batches for all ranks.
-
-    A pure function of (seed, epoch): ranks agree without talking, and a
-    resumed run recomputes it. With several ranks the tail that does not
-    divide evenly is dropped so every rank takes the same number of steps.
-    """
-    batches = token_budget_batches(train_ds.src_lengths, train_ds.tgt_lengths, args.max_tokens, args.seed, epoch)[start:]
-    batches = batches[: len(batches) - len(batches) % world]  # from any start: a resume may change the world size
-    per_step = args.grad_accum * world
-    return [batches[i : i + per_step] for i in range(0, len(batches), per_step)]
-
-
-def plan_key(args, train_ds) -> dict:
-    """What the batch plan depends on; a run stopped mid-epoch resumes only against the same."""
-    return {"train_sha256": train_ds.sha256, "pairs": len(train_ds), "max_tokens": args.max_tokens,
-            "max_length": args.max_length, "max_target_length": args.max_target_length, "seed": args.seed}
-
-
-# ---------------------------------------------------------------- optimizer, schedule, resume
+# ---------------------------------------------------------------- optimizer, resume (the plan and schedule: plan.py)
 
 
 def make_optimizer(model, args, device):
@@ -193,46 +186,24 @@ def make_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.lr, fused=fused, foreach=not fused)
 
 
-def total_steps(args, train_ds, world: int) -> int:
-    # Epochs differ slightly in length (batches are filled greedily after a
-    # shuffle), so count each epoch's steps from its own plan.
-    per_epoch = [len(epoch_plan(train_ds, args, e, world)) for e in range(args.epochs)]
-    if 0 in per_epoch:
-        raise UserError(f"{train_ds.path} makes fewer batches than the {world} processes: use more data, "
-                        "fewer processes or a smaller --max-tokens")
-    return args.max_steps or sum(per_epoch)
+def restore(state, saved: dict, settings: Settings, checkpoint: Path, planned: int) -> int:
+    """Load a checkpoint's training state into ``state``; returns the run's last step number.
 
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: 0 -> 1 over the warmup, then linearly back to 0 at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def lr_at(step: int, offset: int, args, total: int) -> float:
-    """The rate at step number ``step``; the schedule counts ``step - offset`` of ``total - offset``."""
-    step, total = step - offset, total - offset
-    return args.lr * lr_factor(step, int(args.warmup_ratio * total), total)
-
-
-def restore(state, saved: dict, settings: Settings, checkpoint: Path):
-    """Load a checkpoint's training state into ``state`` (flags typed with --resume were merged by flags.py).
-
-    The run goes on at the same batch of the same epoch, and step numbers go on
-    from the checkpoint's, whatever the step size (--grad-accum x world size).
-    --max-steps N counts those numbers: the run ends, and its learning rate
-    reaches 0, at step N. An epoch run ends at the end of its data instead: with
-    another step size its schedule counts this run's steps to the same point of
-    the data (``step_offset`` is the difference), so the rate at a given point
-    of the data stays the same.
+    Flags typed with --resume were merged by flags.py. The run goes on at the
+    same batch of the same epoch, and step numbers go on from the checkpoint's,
+    whatever the step size (--grad-accum x world size). --max-steps N counts
+    those numbers: the run ends, and its learning rate reaches 0, at step N.
+    An epoch run ends at the end of its data instead (``planned`` steps from
+    the start at this step size): its schedule counts this run's steps to the
+    same point of the data (``step_offset`` is the difference), so the rate at
+    a given point of the data stays the same.
     """
-    args = settings.args
+    args, world = settings.args, settings.world
     state.optimizer.load_state_dict(saved["optimizer"])
     fused = settings.device.type == "cuda"
     for group, decay in zip(state.optimizer.param_groups, (args.weight_decay, 0.0), strict=True):
         group.update(weight_decay=decay, fused=fused, foreach=not fused)  # this run's settings, not the saved ones
-    before, now = saved["batches_per_step"], args.grad_accum * settings.world
+    before, now = saved["batches_per_step"], args.grad_accum * world
     for k in SAVED:
         setattr(state, k, saved[k])
     state.saved_step = saved["step"]
@@ -242,74 +213,76 @@ def restore(state, saved: dict, settings: Settings, checkpoint: Path):
         raise UserError(f"{checkpoint.name} stopped mid-epoch and its batch plan no longer matches ({changed} changed): "
                         "resume with the same training file and --max-tokens/--max-length/--max-target-length, "
                         "or resume from a checkpoint saved at an epoch end")
-    if not epoch_plan(settings.train_ds, args, state.epoch, settings.world, start=batch):  # the epoch was done
+    if not epoch_plan(settings.train_ds, args, state.epoch, world, start=batch):  # the epoch was done
         state.epoch, state.batch = state.epoch + 1, 0
+    state.step_offset = 0
+    if not args.max_steps:  # an epoch run: this run's steps to the same point of the data
+        state.step_offset = state.step - schedule_position(settings.train_ds, args, state.epoch, state.batch, world)
+    last_step = planned + state.step_offset
+    if state.step >= last_step:
+        raise UserError(f"{checkpoint.name} is already at step {state.step}, the end of this run: nothing to resume; "
+                        "raise --epochs or --max-steps to train longer")
     if before != now:
         settings.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
                      f"{state.batch} of epoch {state.epoch + 1}, step numbers going on from {state.step}")
-    state.step_offset = 0
-    if not args.max_steps:  # an epoch run: this run's steps to the same point of the data
-        here = sum(len(epoch_plan(settings.train_ds, args, e, settings.world)) for e in range(state.epoch))
-        state.step_offset = state.step - here - math.ceil(state.batch / now)  # this epoch's batches done, in steps
+    if saved.get("validation", settings.val_set_id) != settings.val_set_id:  # older checkpoints lack it
+        settings.log(f"the validation set differs from the one {checkpoint.name} was validated on: \"best\" starts "
+                     f"afresh from this run's validation losses (the old best, step {state.best_step}, no longer counts)")
+        state.best_val_loss = state.best_step = None
     ckpt.set_rng_state(saved["rng"])
     if settings.rank > 0:  # other ranks: their own dropout noise
         torch.manual_seed(distributed.dropout_seed(args.seed, settings.rank, state.step))
     settings.log(f"resuming from {checkpoint.name}: step {state.step}, epoch {state.epoch + 1}, "
                  f"batch {state.batch} of it")
+    return last_step
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def fit(state: TrainingState, settings: Settings) -> int:
+def fit(state: TrainingState, settings: Settings, stop: distributed.StopFlag) -> int:
     """Train until settings.total_steps; returns the exit code (128 + signal when stopped by one)."""
     from tqdm import tqdm
 
-    args, stop = settings.args, distributed.StopFlag()
+    args = settings.args
     window = {"loss": torch.zeros((), device=settings.device), "real_tokens": 0, "start": time.perf_counter(), "steps": 0}
     state.model.train()
     with tqdm(total=settings.total_steps, initial=state.step, desc="training", unit="step", disable=settings.rank != 0,
               dynamic_ncols=True) as bar:
-        try:
-            while state.step < settings.total_steps:
-                steps = epoch_plan(settings.train_ds, args, state.epoch, settings.world, start=state.batch)
-                epoch_end = state.batch + sum(len(s) for s in steps)  # the epoch's batch count
-                for step_batches, batches in collated_steps(steps, settings.train_ds, settings.rank, settings.world,
-                                                            settings.device):
-                    loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, settings, step_batches, batches)
-                    state.step += 1
-                    state.batch += len(step_batches)
-                    end_of_epoch = state.batch == epoch_end
-                    if end_of_epoch:  # a finished epoch resumes at the next one
-                        state.epoch, state.batch = state.epoch + 1, 0
-                    last = state.step == settings.total_steps
-                    window["loss"] += loss_sum / step_tokens  # this rank's share of the step's mean token loss
-                    window["real_tokens"] += real_tokens
-                    window["steps"] += 1
-                    bar.update(1)
-                    if state.step % args.log_every == 0 or last:
-                        log_window(state, settings, window, grad_norm, bar, step_batches)
-                    elif args.log_examples:
-                        record(settings, {"step": state.step, "examples": [i for b in step_batches for i in b]})
-                    if state.step % args.eval_every == 0 or end_of_epoch or last:
-                        validate(state, settings, bar)
-                    # Under torchrun the ranks agree on signals (a host sync) at logging boundaries only.
-                    boundary = settings.world == 1 or state.step % args.log_every == 0 or end_of_epoch or last
-                    signum, snapshot = stop.poll(settings.device, settings.world) if boundary else (None, False)
-                    if state.step % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
-                        save(state, settings)
-                    if snapshot and not signum and settings.rank == 0:
-                        bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state.step)}; "
-                                  "training goes on")
-                    if signum:
-                        bar.close()
-                        settings.log(f"stopped by {stop.name(signum)} at step {state.step}; checkpoint saved, "
-                                     "continue with --resume")
-                        return 128 + signum
-                    if end_of_epoch or last:
-                        break
-        finally:
-            stop.restore()
+        while state.step < settings.total_steps:
+            steps = epoch_plan(settings.train_ds, args, state.epoch, settings.world, start=state.batch)
+            epoch_end = state.batch + sum(len(s) for s in steps)  # the epoch's batch count
+            for step_batches, batches in collated_steps(steps, settings.train_ds, settings.rank, settings.world,
+                                                        settings.device):
+                loss_sum, step_tokens, real_tokens, grad_norm = train_step(state, settings, step_batches, batches)
+                state.step += 1
+                state.batch += len(step_batches)
+                end_of_epoch = state.batch == epoch_end
+                if end_of_epoch:  # a finished epoch resumes at the next one
+                    state.epoch, state.batch = state.epoch + 1, 0
+                last = state.step == settings.total_steps
+                window["loss"] += loss_sum / step_tokens  # this rank's share of the step's mean token loss
+                window["real_tokens"] += real_tokens
+                window["steps"] += 1
+                bar.update(1)
+                signum, snapshot = stop.poll(settings.world)  # every step, on every rank: they stop or save together
+                if state.step % args.log_every == 0 or last or signum:  # a stop logs the steps since the last row
+                    log_window(state, settings, window, grad_norm, bar, step_batches)
+                elif args.log_examples:
+                    record(settings, {"step": state.step, "examples": [i for b in step_batches for i in b]})
+                if state.step % args.eval_every == 0 or end_of_epoch or last:
+                    validate(state, settings, bar)
+                if state.step % args.save_every == 0 or end_of_epoch or last or signum or snapshot:
+                    save(state, settings)
+                if snapshot and not signum and settings.rank == 0:
+                    bar.write(f"{stop.name(stop.SNAPSHOT)}: saved {ckpt.checkpoint_name(state.step)}; training goes on")
+                if signum:
+                    bar.close()
+                    settings.log(f"stopped by {stop.name(signum)} at step {state.step}; checkpoint saved, "
+                                 "continue with --resume")
+                    return 128 + signum
+                if end_of_epoch or last:
+                    break
     return 0
 
 
@@ -345,6 +318,17 @@ def train_step(state: TrainingState, settings: Settings, step_batches: list[list
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, step_tokens, real_tokens, grad_norm
+
+
+def log_cost(state: TrainingState, settings: Settings, fresh: bool):
+    """The banner's last lines: steps left and a time measured on a warm-up of the first step (rank 0 only)."""
+    if settings.rank != 0:
+        return
+    first = epoch_plan(settings.train_ds, settings.args, state.epoch, settings.world, start=state.batch)[:1]
+    _, batches = next(collated_steps(first, settings.train_ds, 0, settings.world, settings.device))
+    step_s = estimate.seconds_per_step(state.model, batches, settings.device, settings.precision)
+    for line in estimate.cost_lines(settings.total_steps - state.step, step_s, settings.device, settings.args.model, fresh):
+        settings.log(line)
 
 
 def validate(state: TrainingState, settings: Settings, bar):
@@ -409,7 +393,8 @@ def save(state: TrainingState, settings: Settings):
             state.best_val_loss, state.best_step = val, step
         saved = {k: getattr(state, k) for k in SAVED}
         saved.update(optimizer=state.optimizer.state_dict(), rng=ckpt.rng_state(), world_size=settings.world,
-                     batches_per_step=settings.args.grad_accum * settings.world, plan=plan_key(settings.args, settings.train_ds))
+                     batches_per_step=settings.args.grad_accum * settings.world, plan=plan_key(settings.args, settings.train_ds),
+                     validation=settings.val_set_id)
         metrics = {"step": step, "val_loss": val, "best_val_loss": state.best_val_loss}
         config = flags.run_config(settings.args, len(settings.tokenizer))
         path = ckpt.save_checkpoint(settings.out, step, state.model, settings.tokenizer, saved, config,
@@ -427,6 +412,7 @@ def finish(state: TrainingState, settings: Settings):
     """The loss plot, a summary line, and --eval-generate (eval.py, in its own process)."""
     args, out, log = settings.args, settings.out, settings.log
     runlog.plot_losses(out)
+    fault("finish", "plotted")
     index = ckpt.read_index(out)
     best = f"best validation loss {index['best_val_loss']:.4f} in {out / index['best']}" if index.get("best") else \
         "no validation loss recorded"

@@ -21,10 +21,12 @@ it, so the model sees the same format in both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from t5dialog.cli import UserError
@@ -80,6 +82,20 @@ def _export_format(text: str, lines: list[str]) -> str | None:
     return "JSON" if parses(text) else next((n for n, test in tests if sum(map(test, sample)) * 2 > len(sample)), None)
 
 
+@dataclass(frozen=True)
+class DialogueFile:
+    """A DailyDialog file read once: its dialogues, the lines skipped, and the sha256 of the very bytes parsed.
+
+    Read once and passed on, so a file replaced while a run starts cannot
+    give the run two versions (one tokenized, another hashed or split).
+    """
+
+    path: Path
+    dialogues: list[list[str]] = field(repr=False)
+    skipped: list[int] = field(repr=False)
+    sha256: str
+
+
 def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     """Read a DailyDialog file into dialogues (lists of turns).
 
@@ -88,7 +104,15 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
     learn from). Tolerates a BOM, UTF-16/32 with a BOM, CRLF or lone CR line ends, runs of spaces,
     blank lines and a missing final ``__eou__``; any whitespace inside a turn becomes one space.
     """
-    path = Path(path)
+    file = dialogue_file(path)
+    return file.dialogues, file.skipped
+
+
+def dialogue_file(source) -> DialogueFile:
+    """``source`` as a `DialogueFile`: read (see `read_dialogues`) unless it already is one."""
+    if isinstance(source, DialogueFile):
+        return source
+    path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: file not found; check the path (see --help for the defaults)")
     if path.is_dir():
@@ -127,7 +151,7 @@ def read_dialogues(path) -> tuple[list[list[str]], list[int]]:
         dialogues.append(turns)
     if not dialogues:
         raise DataError(f"{path}: no dialogue with two or more turns; nothing to learn from")
-    return dialogues, skipped
+    return DialogueFile(path, dialogues, skipped, hashlib.sha256(raw).hexdigest())
 
 
 def holdout(num_dialogues: int, share: float, seed: int) -> tuple[list[int], list[int]]:

@@ -45,7 +45,14 @@ def setup(device_flag: str):
     except dist.DistError as e:
         raise UserError(f"rank {rank} of {world}: the other processes did not join within {timeout:g}s ({first_line(e)}); "
                         f"start every rank with torchrun and the same rendezvous endpoint (see README)") from None
+    global _host_group
+    # The ranks agree on signals at every step through gloo, on the CPU: with NCCL the flags would travel through
+    # the GPU, and reading them back would make the host wait for every queued kernel at every step.
+    _host_group = dist.new_group(backend="gloo") if use_cuda else None  # None: the default group, gloo already
     return rank, world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+_host_group = None  # the process group for flags that live on the host (see `setup`)
 
 
 def barrier(world: int):
@@ -79,8 +86,19 @@ def dropout_seed(seed: int, rank: int, step: int) -> int:
     return seed + 7919 * rank + 1_000_003 * step
 
 
+class Stopped(BaseException):
+    """A stopping signal before the first step or after the last: nothing is left unsaved, so the run ends at once.
+
+    A BaseException, like KeyboardInterrupt, so that no library's ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int, when: str):
+        super().__init__(signum, when)
+        self.signum, self.when = signum, when
+
+
 class StopFlag:
-    """Signals during training only set a flag; the loop acts on it at the next step boundary.
+    """What each signal does, from the first line of train.py's `run` to its exit.
 
     | signal  | what train.py does                                                     | exit code |
     |---------|------------------------------------------------------------------------|-----------|
@@ -93,22 +111,36 @@ class StopFlag:
     |         | saved instead of killed; --resume continues it)                        |           |
     | SIGUSR2 | save a checkpoint at the next step boundary and go on training         | (runs on) |
 
-    Under torchrun a signal to any rank acts on all of them at the same step (`poll` agrees).
+    Before the first step (loading, minutes on the full corpus) and after the
+    last (the plot, --eval-generate) there is nothing unsaved: a stopping signal
+    ends the run at once (`Stopped`, same exit code), SIGUSR2 before the first
+    step is served at the first step boundary, and after the last it is ignored
+    (the last step's checkpoint is saved; eval.py, started then, ignores it too).
+    Under torchrun a signal to any rank acts on all of them at the same step (`poll` agrees, every step).
     """
 
     STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
     SNAPSHOT = signal.SIGUSR2
 
     def __init__(self):
-        self.signum = None  # the stopping signal received, if any
+        self.signum = None  # the stopping signal received in the loop, if any
         # USR2 requests counted, not flagged: one that lands while the loop reads the count is served next time.
         self.requests = self.served = 0
+        self.when = "before the first step"  # then "training", then "after the last step"
         # After a hangup isatty() fails on the lost terminal (EIO): learn now which descriptors are terminals.
         self.ttys = [fd for fd in (0, 1, 2) if _isatty(fd)]
         self.previous = {sig: signal.signal(sig, self) for sig in (*self.STOP, self.SNAPSHOT)}
 
+    def start_training(self):
+        self.when = "training"
+
+    def end_training(self):
+        """After the last step: a stop ends the run at once, and SIGUSR2 is ignored by train.py and its children."""
+        self.when = "after the last step"
+        signal.signal(self.SNAPSHOT, signal.SIG_IGN)
+
     def restore(self):
-        """After the loop, signals act as usual again (plotting and eval stay interruptible)."""
+        """At exit, signals act as they did before (train.main called in-process, e.g. by the tests)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -118,6 +150,8 @@ class StopFlag:
         if signum == self.SNAPSHOT:
             self.requests += 1
             return
+        if self.when != "training":
+            raise Stopped(signum, self.when)
         self.signum = signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C stops at once
 
@@ -125,16 +159,19 @@ class StopFlag:
     def name(signum: int) -> str:
         return signal.Signals(signum).name
 
-    def poll(self, device, world: int) -> tuple[int | None, bool]:
+    def poll(self, world: int) -> tuple[int | None, bool]:
         """(the signal to stop for or None, whether to save a snapshot now), the same on every rank.
 
-        Under torchrun a host sync: call it at the same steps on every rank.
+        Under torchrun every rank calls it at every step: a tiny all-reduce on
+        the host (gloo), so a signal is acted on at the next step boundary
+        whatever --log-every is (torchrun kills its workers 30 s after
+        forwarding SIGTERM). bench/bench_stop_poll.py measures what it costs.
         """
         requests = self.requests
         flags = [self.signum or 0, int(requests > self.served)]
         if world > 1:  # all ranks stop, or save, together (or the others would hang): the max of the flags
-            agreed = torch.tensor(flags, device=device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            agreed = torch.tensor(flags)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=_host_group)
             flags = agreed.tolist()
         self.signum, self.served = flags[0] or None, requests
         return self.signum, bool(flags[1])

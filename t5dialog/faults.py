@@ -22,7 +22,8 @@ def fault(stage: str, at):
     (SIGHUP), quit (SIGQUIT), usr1/usr2, stop (SIGSTOP: the process freezes there, holding what
     it holds, until killed or continued) or enospc (a write that fails as on a
     full disk). Stages: mid_step, mid_save, before_commit, before_prune (at a
-    step) and write (at a file name). Unset, this does nothing.
+    step), write (at a file name), startup@loaded (train.py's data and model are loaded) and
+    finish@plotted (after the last step, loss.png drawn). Unset, this does nothing.
     """
     for item in filter(None, os.environ.get("FAULT", "").split(",")):
         where, _, when = item.partition("@")

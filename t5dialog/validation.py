@@ -6,6 +6,9 @@ Both come from one loop, `target_nll`, over training's own loss
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 
 from t5dialog.batching import collate, token_budget_batches
@@ -42,3 +45,10 @@ def validation_loss(model, dataset, max_tokens: int, device, rank: int = 0, worl
     batches = token_budget_batches(dataset.src_lengths, dataset.tgt_lengths, max_tokens, seed=0, epoch=0)[rank::world]
     nll, tokens = target_nll(model, dataset.examples, dataset.pad_id, batches, device, precision, world)
     return nll / tokens
+
+
+def validation_set_id(dataset) -> str:
+    """A fingerprint of the examples a validation loss is measured on (file, split, tokenizer, lengths):
+    losses measured on different sets are not comparable, so "best" holds only within one."""
+    examples = [[e["input_ids"], e["labels"]] for e in dataset.examples]
+    return hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()

@@ -8,11 +8,14 @@ checkpoint of one must resume in the other world size.
 
 import functools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,22 +242,78 @@ def test_a_rank_that_dies_ends_every_rank(tiny_model, data_dir, tmp_path):
 
 
 def test_a_signal_to_one_rank_acts_on_every_rank_at_the_same_step(tiny_model, data_dir, tmp_path):
-    """SIGUSR2, then SIGUSR1, to rank 1 alone: every rank saves at step 3 and goes on, then saves at step 6 and
-    stops (a rank that saved or stopped alone would leave the other waiting in a collective)."""
+    """SIGUSR2, then SIGUSR1, to rank 1 alone, between log points (--log-every 5): every rank saves at step 3
+    and goes on, then saves at step 6 and stops (a rank that saved or stopped alone would leave the other
+    waiting in a collective), and the stop logs the steps since the last row."""
     out = tmp_path / "out"
-    result = torchrun(*args_for(tiny_model, data_dir, out, "--save-every", "1000", "--eval-every", "1000"),
+    result = torchrun(*args_for(tiny_model, data_dir, out, "--save-every", "1000", "--eval-every", "1000", "--log-every", "5"),
                       script=rank_1_only(tmp_path), env={"FAULT": "usr2:mid_step@3,usr1:mid_step@6"})
     assert "exitcode  : 138" in result.stderr, result.stderr[-4000:]  # torchrun's summary of the ranks' exits
     assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(out)] == [3, 6]
     assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(out))
     assert result.stdout.count("SIGUSR2: saved checkpoint-00000003; training goes on") == 1  # from rank 0 alone
     assert result.stdout.count("stopped by SIGUSR1 at step 6") == 1
-    assert [r["step"] for r in rows(out)] == list(range(1, 7))
+    assert [r["step"] for r in rows(out)] == [5, 6]
     result = torchrun(*args_for(tiny_model, data_dir, out, "--resume"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from checkpoint-00000006: step 6" in result.stdout
-    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows(out)] == [5, 6, 7, 8]  # the resumed run logs every step again (--log-every 1)
     assert ckpt.verify(step_dir(out, STEPS)) is None
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: state letter} of the processes whose parent is ``pid`` (from /proc: torchrun's workers)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found[int(stat.parent.name)] = fields[0]
+    return found
+
+
+def sigterm_pending(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = int(next(line for line in status.splitlines() if line.startswith("ShdPnd:")).split()[1], 16)
+    return bool(pending & (1 << (signal.SIGTERM - 1)))
+
+
+def wait_for(condition, what: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
+def test_sigterm_to_torchrun_saves_at_the_next_step_whatever_the_log_interval(tiny_model, data_dir, tmp_path):
+    """torchrun forwards SIGTERM to its workers and kills them 30 s later: with --log-every 1000 the ranks must
+    still agree to stop at the very next step. Both freeze inside step 2; torchrun gets SIGTERM and forwards it
+    (it waits, pending, in each frozen worker); then they go on, save checkpoint 2 and stop."""
+    out = tmp_path / "out"
+    command = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(), "train.py",
+               *args_for(tiny_model, data_dir, out, "--log-every", "1000", "--save-every", "1000", "--eval-every", "1000")]
+    env = {k: v for k, v in script_env({**DIST_ENV, "FAULT": "stop:mid_step@2"}).items() if k not in TORCHRUN_VARS}
+    run = subprocess.Popen([sys.executable, *map(str, command)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: list(children(run.pid).values()) == ["T", "T"], "both ranks to freeze in step 2")
+        ranks = list(children(run.pid))
+        run.send_signal(signal.SIGTERM)
+        wait_for(lambda: all(sigterm_pending(pid) for pid in ranks), "torchrun to forward SIGTERM")
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert [ckpt.step_of(p) for p in ckpt.list_checkpoints(out)] == [2], stderr[-4000:]
+    assert ckpt.verify(step_dir(out, 2)) is None
+    assert stdout.count("stopped by SIGTERM at step 2") == 1
+    assert "forcefully exiting via 9" not in stderr  # the ranks ended themselves, within torchrun's 30 s
+    assert [r["step"] for r in rows(out)] == [2]  # the two steps, logged at the stop
 
 
 @pytest.mark.slow

@@ -130,3 +130,42 @@ def test_a_terminal_that_hangs_up_gets_a_saved_run_not_a_crash(tiny_model, data_
             run.wait()
     assert b"device: cpu" in shown  # the run did write to the terminal before
     assert saved_steps(out) == [5]
+
+
+def test_sigusr2_before_the_first_step_is_served_at_it_and_after_the_last_is_ignored(tiny_model, data_dir, tmp_path):
+    """Start-up takes minutes on the full corpus, and after the last step come the plot and --eval-generate: a
+    snapshot request in either must not kill the run (the default action of SIGUSR2 is to end the process)."""
+    out = tmp_path / "out"
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--max-steps", "3"),
+                     env={"FAULT": "usr2:startup@loaded,usr2:finish@plotted"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert saved_steps(out) == [1, 3]  # the early request, served at the first step boundary; then the end
+    assert "SIGUSR2: saved checkpoint-00000001; training goes on" in result.stdout + result.stderr
+    assert "done: 3 steps" in result.stdout
+
+
+@pytest.mark.parametrize("stage, when, saved", [("startup@loaded", "before the first step", []),
+                                                ("finish@plotted", "after the last step", [3])])
+def test_a_stopping_signal_outside_the_loop_ends_the_run_at_once_in_one_line(stage, when, saved, tiny_model, data_dir,
+                                                                            tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("train.py", *argv(tiny_model, data_dir, out, "--max-steps", "3"), env={"FAULT": f"term:{stage}"})
+    assert result.returncode == 143, result.stderr[-3000:]
+    named = lines_naming(result.stdout + result.stderr, signal.SIGTERM)
+    assert len(named) == 1 and when in named[0], result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert saved_steps(out) == saved
+
+
+def test_after_the_last_step_sigusr2_is_ignored_by_train_py_and_the_eval_it_starts():
+    """The --eval-generate child inherits the ignored SIGUSR2 (an ignored signal survives exec; a handler does not)."""
+    from t5dialog import distributed
+
+    stop = distributed.StopFlag()
+    try:
+        stop.end_training()
+        child = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); "
+                                "print('still here')"], capture_output=True, text=True, timeout=60)
+    finally:
+        stop.restore()
+    assert child.returncode == 0 and child.stdout == "still here\n", child

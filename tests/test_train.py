@@ -16,7 +16,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 import train
 from dataset import DailyDialogDataset, collate
 from t5dialog import checkpoint as ckpt
-from t5dialog import flags, models
+from t5dialog import flags, models, plan
 
 
 
@@ -251,7 +251,7 @@ def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, data_d
 
 
 def test_warmup_then_linear_schedule():
-    assert [round(train.lr_factor(s, warmup_steps=4, total_steps=12), 3) for s in range(13)] == [
+    assert [round(plan.lr_factor(s, warmup_steps=4, total_steps=12), 3) for s in range(13)] == [
         0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
 
 
@@ -389,7 +389,7 @@ def test_max_steps_is_the_last_step_number_whatever_the_grad_accum(start, typed,
     assert [r["step"] for r in train_rows(ten_copy)] == list(range(1, end + 1))  # no gap, no step twice
     warmup = int(0.05 * end)
     assert [rows[s]["lr"] for s in range(start + 1, end + 1)] == pytest.approx(
-        [5e-4 * train.lr_factor(s - 1, warmup, end) for s in range(start + 1, end + 1)])
+        [5e-4 * plan.lr_factor(s - 1, warmup, end) for s in range(start + 1, end + 1)])
     state = ckpt.load_training_state(latest(ten_copy))
     assert (state["step"], state["batches_per_step"]) == (end, 2)
     assert state["epoch"] * 20 + state["batch"] == start + 2 * (end - start)  # every batch once: none skipped
