@@ -346,6 +346,22 @@ def ten_copy(ten_steps, tmp_path):
     return copy
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_and_folder_of_a_run_gets_the_mode_the_umask_gives(umask, tiny_model, data_dir, tmp_path):
+    """Under umask 022 others on the machine can load the checkpoint (safetensors alone made its weights 0600);
+    under 077 nothing is opened to them."""
+    out = tmp_path / "out"
+    before = os.umask(umask)
+    try:
+        assert call_main(train_argv(tiny_model, data_dir, out, "--max-steps", "2", "--eval-every", "2",
+                                    "--save-every", "2")) == 0
+    finally:
+        os.umask(before)
+    modes = {p.relative_to(out).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in (out, *out.rglob("*"))}
+    assert {"checkpoint-00000002/model.safetensors", "checkpoints.json", "metrics.jsonl", "loss.png"} <= set(modes)
+    assert modes == {name: oct((0o777 if (out / name).is_dir() else 0o666) & ~umask) for name in modes}
+
+
 def test_an_lr_typed_with_resume_sets_the_schedule_from_there(ten_copy):
     assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "13", "--lr", "0.1"]) == 0
     rows = {r["step"]: r for r in train_rows(ten_copy)}
