@@ -37,7 +37,7 @@ import torch
 
 from t5dialog.cli import UserError
 from t5dialog.faults import fault
-from t5dialog.files import describe_os_error, fsync_path, read_json, sha256, to_json, write_json_atomic
+from t5dialog.files import describe_os_error, fsync_path, new_file_mode, read_json, sha256, to_json, write_json_atomic
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -123,7 +123,10 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, training_state: dic
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {"step": step, "files": {p.name: sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(to_json(manifest))
+        mode = new_file_mode()
         for p in tmp.iterdir():
+            if p.is_file():  # safetensors writes model.safetensors 0600: others sharing the machine could not load it
+                p.chmod(mode)
             fsync_path(p)
         fsync_path(tmp)
         fault("before_commit", step)

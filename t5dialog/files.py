@@ -66,13 +66,30 @@ def write_atomic(path, text):
             fault("write", path.name)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.chmod(tmp, new_file_mode())  # mkstemp creates 0600, whatever the umask
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:  # incl. KeyboardInterrupt and a full disk
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: ``os.umask`` can only read by setting, and a file
+    another thread (a data loader, the hub client) created in between would get the wrong mode."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):  # Linux 4.7 and later
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # elsewhere: a file made in between is at worst private
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the user's umask: 0644 under 022, 0600 under 077."""
+    return 0o666 & ~umask()
 
 
 def write_json_atomic(path, data):

@@ -49,8 +49,33 @@ PLOT_EVERY_S = 10.0  # while training, loss.png is redrawn at a validation at mo
 _last_drawn: dict[Path, float] = {}  # output dir -> time.monotonic() of its last drawing in this process
 
 
+def plot_title(out: Path) -> str:
+    """What loss.png shows: the run (its output dir), then the model and data its newest checkpoint records.
+
+    The drawings before the first checkpoint name the run only: nothing in the output dir records its
+    flags until then.
+    """
+    from t5dialog.checkpoint import list_checkpoints, read_run_config
+
+    saved = list_checkpoints(out)
+    config = read_run_config(saved[-1]) if saved else {}
+    title = f"run {Path(out).resolve().name}"
+    model, train_file, val_file, share = (config.get(k) for k in ("model", "train_file", "val_file", "val_share"))
+    if isinstance(model, str) and isinstance(train_file, str):
+        validation = (short_name(val_file) if isinstance(val_file, str) else
+                      f"{share:.0%} of its dialogues held out" if isinstance(share, float) else "held-out dialogues")
+        title += f"\nmodel {short_name(model)}, trained on {short_name(train_file)}, validated on {validation}"
+    return title
+
+
+def short_name(recorded: str) -> str:
+    """A recorded path as its folder and file (``dailydialog/train.txt``: every split is a train.txt somewhere);
+    a hub name or 'scratch' as is."""
+    return "/".join(Path(recorded).parts[-2:]) if Path(recorded).is_absolute() else recorded
+
+
 def plot_losses(out: Path, at_most_every: float = 0.0):
-    """metrics.jsonl -> loss.png with training and validation loss curves.
+    """metrics.jsonl -> loss.png with training and validation loss curves, titled with `plot_title`.
 
     Redrawn while training runs, at most every ``at_most_every`` seconds (a
     small model validates several times a second, and each drawing costs more
@@ -78,10 +103,12 @@ def plot_losses(out: Path, at_most_every: float = 0.0):
     ax.set_ylabel("loss (per target token)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.97)  # fixed margins: tight_layout cost a third
+    title = plot_title(out)
+    ax.set_title(title, fontsize=9)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.88)  # fixed margins: tight_layout cost a third
     tmp = out / ".tmp-loss.png"
     try:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, metadata={"Title": title})  # also for whoever reads the file, not the picture
         os.replace(tmp, out / "loss.png")
     finally:
         plt.close(fig)

@@ -16,7 +16,11 @@ from launcher import ROOT, run_cli, run_fresh, script_env  # noqa: F401  (the te
 torch.set_num_threads(1)
 
 SAMPLE = ROOT / "data" / "sample"
-SHARED = ROOT.parent / "shared" / "dailydialog"
+# Real DailyDialog text, which the project may not commit (CC BY-NC-SA 4.0): the developers' sample kept beside
+# the checkout, else the corpus data/download.py writes; None when neither is here.
+REAL_DAILYDIALOG = next((d for d in (ROOT.parent / "shared" / "dailydialog", ROOT / "data" / "dailydialog")
+                         if (d / "train.txt").is_file() and (d / "validation.txt").is_file()), None)
+NO_REAL_DAILYDIALOG = "needs real DailyDialog text: run `python data/download.py` (writes data/dailydialog/)"
 
 # Small enough that an optimizer step takes milliseconds.
 TINY_CONFIG = dict(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2, dropout_rate=0.1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE, SHARED
+from conftest import NO_REAL_DAILYDIALOG, REAL_DAILYDIALOG, SAMPLE
 from transformers import AutoTokenizer
 
 from dataset import (
@@ -27,7 +27,9 @@ from dataset import (
     token_budget_batches,
 )
 
-REAL_FILES = [SAMPLE / "train.txt", SAMPLE / "validation.txt", SHARED / "train.txt", SHARED / "validation.txt"]
+REAL_FILES = [pytest.param(folder, name, id=f"{label}/{name}")
+              for label, folder in (("sample", SAMPLE), ("dailydialog", REAL_DAILYDIALOG))
+              for name in ("train.txt", "validation.txt")]
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +142,11 @@ def test_dailydialog_text_with_quotes_commas_and_braces_is_not_an_export(tmp_pat
     assert len(dialogues) == 4
 
 
-@pytest.mark.parametrize("path", REAL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_real_dailydialog_files_are_read_in_full(path):
-    if not path.exists():
-        pytest.skip(f"{path} is not here")
+@pytest.mark.parametrize("folder, name", REAL_FILES)
+def test_real_dailydialog_files_are_read_in_full(folder, name):
+    if folder is None:
+        pytest.skip(NO_REAL_DAILYDIALOG)
+    path = folder / name
     dialogues, skipped = read_dialogues(path)
     assert len(dialogues) + len(skipped) == len(path.read_text(encoding="utf-8").split("\n")) - 1
 

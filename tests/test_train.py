@@ -346,6 +346,37 @@ def ten_copy(ten_steps, tmp_path):
     return copy
 
 
+def png_title(path) -> str:
+    """The title drawn above the curves, which the PNG also keeps as text."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text["Title"]
+
+
+def test_loss_png_is_titled_with_the_run_its_model_and_its_data(ten_steps, tiny_model, data_dir):
+    run, about = png_title(ten_steps / "loss.png").splitlines()
+    assert run == "run ckpts"
+    assert about == (f"model {tiny_model.parent.name}/{tiny_model.name}, trained on {data_dir.name}/train.txt, "
+                     f"validated on {data_dir.name}/validation.txt")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_and_folder_of_a_run_gets_the_mode_the_umask_gives(umask, tiny_model, data_dir, tmp_path):
+    """Under umask 022 others on the machine can load the checkpoint (safetensors alone made its weights 0600);
+    under 077 nothing is opened to them."""
+    out = tmp_path / "out"
+    before = os.umask(umask)
+    try:
+        assert call_main(train_argv(tiny_model, data_dir, out, "--max-steps", "2", "--eval-every", "2",
+                                    "--save-every", "2")) == 0
+    finally:
+        os.umask(before)
+    modes = {p.relative_to(out).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in (out, *out.rglob("*"))}
+    assert {"checkpoint-00000002/model.safetensors", "checkpoints.json", "metrics.jsonl", "loss.png"} <= set(modes)
+    assert modes == {name: oct((0o777 if (out / name).is_dir() else 0o666) & ~umask) for name in modes}
+
+
 def test_an_lr_typed_with_resume_sets_the_schedule_from_there(ten_copy):
     assert call_main(["--resume", "--output-dir", ten_copy, "--max-steps", "13", "--lr", "0.1"]) == 0
     rows = {r["step"]: r for r in train_rows(ten_copy)}
@@ -579,6 +610,7 @@ def test_without_a_validation_file_a_seeded_share_is_held_out_and_resume_reuses_
     assert "valid: " in said and "(held-out dialogues): 24 dialogues" in said  # 20% of 120
     config = strict_json((latest(straight) / ckpt.RUN_CONFIG).read_text())
     assert config["val_share"] == 0.2 and config["val_file"] is None
+    assert "validated on 20% of its dialogues held out" in png_title(straight / "loss.png")
 
     # The same run stopped after step 4 and resumed without the flag: same held-out dialogues, so
     # the same validation loss at step 6 (resume is bit-exact, so the weights are the same).
