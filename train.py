@@ -225,9 +225,11 @@ def restore(state, saved: dict, settings: Settings, checkpoint: Path, planned: i
     if before != now:
         settings.log(f"the checkpoint took {before} batches per step, this run takes {now}: continuing at batch "
                      f"{state.batch} of epoch {state.epoch + 1}, step numbers going on from {state.step}")
-    if saved.get("validation", settings.val_set_id) != settings.val_set_id:  # older checkpoints lack it
+    # Losses on different validation sets do not compare (a checkpoint from before the set was recorded: same set).
+    if state.best_step is not None and saved.get("validation", settings.val_set_id) != settings.val_set_id:
         settings.log(f"the validation set differs from the one {checkpoint.name} was validated on: \"best\" starts "
-                     f"afresh from this run's validation losses (the old best, step {state.best_step}, no longer counts)")
+                     f"afresh from this run's validation losses (the old best, step {state.best_step}, no longer counts; "
+                     "--keep prunes it like any other)")
         state.best_val_loss = state.best_step = None
     ckpt.set_rng_state(saved["rng"])
     if settings.rank > 0:  # other ranks: their own dropout noise

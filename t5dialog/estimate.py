@@ -17,15 +17,16 @@ SHORT_RUN_STEPS = 200  # what the note on a long CPU run suggests: enough to see
 LONG_S = 3600  # a run past an hour on a CPU with a pretrained model gets that note
 
 
-def seconds_per_step(model, batches: list[dict], device, precision: str, passes: int = 2) -> float:
-    """Seconds of forward and backward over one step's micro-batches, timed on the last of ``passes``.
+def seconds_per_step(model, batches: list[dict], device, precision: str, passes: int = 3) -> float:
+    """Seconds of forward and backward over one step's micro-batches: the fastest of ``passes`` after the first.
 
-    The first pass pays one-time costs (memory, kernel choice). The run's
-    random state and gradients are left as they were, so a resumed run stays
-    bit-exact; the optimizer step is not timed, as it must not be taken.
+    The first pass pays one-time costs (memory, kernel choice), and the
+    fastest of the rest is the least disturbed by other work on the machine.
+    The run's random state and gradients are left as they were, so a resumed
+    run stays bit-exact; the optimizer step is not timed, as it must not be taken.
     """
     saved = rng_state()
-    elapsed = 0.0
+    times = []
     try:
         for _ in range(passes):
             synchronize(device)
@@ -35,11 +36,11 @@ def seconds_per_step(model, batches: list[dict], device, precision: str, passes:
                     loss = models.token_loss_sum(model, models.to_device(batch, device))
                 loss.backward()
             synchronize(device)
-            elapsed = time.perf_counter() - start
+            times.append(time.perf_counter() - start)
     finally:
         model.zero_grad(set_to_none=True)
         set_rng_state(saved)
-    return elapsed
+    return min(times[1:] or times)
 
 
 def synchronize(device):
@@ -59,8 +60,9 @@ def duration(seconds: float) -> str:
 def cost_lines(steps_left: int, step_s: float, device, model_name: str, fresh: bool) -> list[str]:
     """The banner's cost line, and on a CPU a pointer to a short run when a pretrained model would take hours."""
     total = steps_left * step_s
-    lines = [f"cost: {steps_left:,} steps, about {duration(total)} on {device} ({step_s:.3g} s a step timed on a "
-             "warm-up step; validation and checkpoints add to it)"]
+    steps = f"{steps_left:,} step{'s' * (steps_left != 1)}"
+    lines = [f"cost: {steps}, about {duration(total)} on {device} ({step_s:.3g} s a step, timed on warm-up passes; "
+             "validation and checkpoints add to it)"]
     if torch.device(device).type == "cpu" and model_name != "scratch" and fresh and total > LONG_S:
         lines.append(f"note: that is long for a CPU: add --max-steps {SHORT_RUN_STEPS} for a short run (about "
                      f"{duration(SHORT_RUN_STEPS * step_s)}) that shows the loss falling and a checkpoint saved; "
