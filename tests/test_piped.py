@@ -1,6 +1,7 @@
 """Piped input answered in batches: the same replies as one line at a time, in order, and no wait for a lone line."""
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -8,6 +9,8 @@ import threading
 import pytest
 import torch
 from conftest import ROOT, run_cli, script_env
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import infer
 from t5dialog.piped import line_batches
@@ -41,23 +44,43 @@ def test_line_batches_take_what_is_there_in_order():
     assert sum(batches, []) == [b"line %d" % i for i in range(70)] + [b"last, no newline"]
 
 
-def test_a_lone_line_in_an_open_pipe_is_a_batch_at_once():
+@pytest.mark.parametrize("first, rest", [
+    (b"Hello there .\n", b"Bye .\n"),
+    (b"Hello there .\r", b"\nBye .\r"),  # a CR alone ends the line at once; the LF that then comes ends no second one
+], ids=["lf", "cr"])
+def test_a_lone_line_in_an_open_pipe_is_a_batch_at_once(first, rest):
     read, write = os.pipe()
     batches = line_batches(read, size=32)
     got = []
     reader = threading.Thread(target=lambda: got.append(next(batches)), daemon=True)
     try:
-        os.write(write, b"Hello there .\n")  # and nothing more for now: the writer keeps the pipe open
+        os.write(write, first)  # and nothing more for now: the writer keeps the pipe open
         reader.start()
-        reader.join(timeout=120)  # a hang guard: a batch that waited for 31 more lines would never come
+        reader.join(timeout=120)  # a hang guard: a batch that waited for more lines (or for the byte after a CR) never comes
         assert got == [[b"Hello there ."]]
-        os.write(write, b"Bye .\n")
+        os.write(write, rest)
         os.close(write)
         assert list(batches) == [[b"Bye ."]]
     finally:
         os.close(read)
         if not got:
             os.close(write)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(pieces=st.lists(st.sampled_from([b"a", b"bc", b"\xff", b"\n", b"\r", b"\r\n"]), max_size=16),
+       chunk=st.integers(1, 5), size=st.integers(1, 4))
+def test_line_batches_split_on_lf_crlf_and_a_lone_cr_wherever_the_reads_cut(pieces, chunk, size):
+    # chunk bytes per read: a CRLF is often cut in two, its LF arriving in the next read
+    data = b"".join(pieces)
+    fd = pipe_holding(data)
+    try:
+        batches = list(line_batches(fd, size=size, chunk=chunk))
+    finally:
+        os.close(fd)
+    lines = re.split(rb"\r\n|\r|\n", data)  # the whole input at once, as dialogues.split_lines splits a data file
+    assert sum(batches, []) == (lines[:-1] if lines[-1] == b"" else lines)  # after a last line end comes no line
+    assert all(0 < len(batch) <= size for batch in batches)
 
 
 def test_a_batch_is_one_generate_call_with_the_replies_of_one_at_a_time(loaded, capsys):
