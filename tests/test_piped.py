@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import infer
+from t5dialog.generation import load
 from t5dialog.piped import line_batches
 
 CPU = torch.device("cpu")
@@ -108,6 +109,39 @@ def test_beam_search_in_a_batch_gives_the_replies_of_one_at_a_time(loaded, capsy
     finally:
         os.close(fd)
     assert capsys.readouterr().out.split("\n")[:-1] == one_at_a_time(loaded, lines, max_new_tokens=8, num_beams=3)
+
+
+# One added token holding every line break str.splitlines knows, and a tab: what a byte-level tokenizer (BART,
+# GPT-2) decodes "\n" and "\r" tokens to, inside a reply.
+BREAKS = "Fine\nthanks\r\n,\rand\u2028you\x0b?\x0c\x85\u2029\x1c\x1d\x1e\t."
+
+
+@pytest.fixture(scope="module")
+def breaking_model(tiny_model, tmp_path_factory):
+    """tiny_model with BREAKS as one more token, which its generation config makes it write at every step."""
+    from transformers import AddedToken
+
+    model, tokenizer = load(tiny_model, CPU)
+    tokenizer.add_tokens([AddedToken(BREAKS, normalized=False)])
+    model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.sequence_bias = [[[tokenizer.convert_tokens_to_ids(BREAKS)], 100.0]]
+    folder = tmp_path_factory.mktemp("breaking-model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_replies_holding_line_breaks_are_one_line_each(breaking_model, monkeypatch, capsys):
+    lines = ["Hello there .", "", "What time is it ?"]
+    model, tokenizer = load(breaking_model, CPU)
+    replies = [infer.generate_response(t, model, tokenizer, CPU, max_length=64, max_new_tokens=3) if t else "" for t in lines]
+    assert all(c in replies[0] for c in "\n\r\u2028")  # the model really writes line breaks
+    with open(pipe_holding("".join(t + "\n" for t in lines).encode())) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert infer.main(["--checkpoint", str(breaking_model), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == len(out.splitlines()) == len(lines)  # one line out per line in, and no other break
+    assert out.splitlines() == [" ".join(reply.split()) for reply in replies]
 
 
 @pytest.mark.slow
