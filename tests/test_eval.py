@@ -122,6 +122,7 @@ def call_main(argv):
     (["--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["--top-p", "1.5"], ["--top-p"]),
     (["--temperature", "0"], ["--temperature"]),
+    (["--do-sample", "--temperature", "1e39"], ["--temperature 1e+39: must be from 0.001 to 1000"]),
     (["--num-beams", "wide"], ["--num-beams", "invalid int"]),
     (["--bogus"], ["unrecognized", "--bogus"]),
     (["--device", "mps"], ["--device mps", "cpu"]),
