@@ -7,7 +7,9 @@
 
 Every turn after the first of every dialogue in --data is a reference; its
 history goes through `dataset.encode_history`, as in training and infer.py.
-Prints a table of the metrics (metrics.py explains each one) and writes into
+Prints a table of the metrics (metrics.py explains each one; every BLEU is on
+the 0-100 scale), three of the pairs with their replies and, when the replies
+collapsed, a line saying so (`metrics.collapse_line`). Writes into
 --out (default: ``eval/<checkpoint name>`` beside the checkpoint, e.g.
 ``checkpoints/eval/checkpoint-00001000``; not inside it, because a running
 train.py deletes old checkpoint folders with everything in them):
@@ -44,13 +46,14 @@ from t5dialog.generation import (
     generation_options,
     max_input_length,
 )
-from t5dialog.metrics import compute_metrics, format_table, perplexity
+from t5dialog.metrics import collapse_line, compute_metrics, format_table, perplexity
 from t5dialog.models import autocast, resolve_precision, set_math_mode
 from t5dialog.validation import target_nll
 
 warn = functools.partial(cli.warn, "eval.py")
 
 BATCH_SIZE = 32  # rows per generate() call; inputs of similar length go together, so padding stays small
+SHOWN = 3  # pairs printed with their replies under the table: what the model says, beside the numbers
 
 
 # ---------------------------------------------------------------- generation
@@ -120,6 +123,21 @@ def prepare_out(out: Path):
         raise UserError(f"--out {out} is not writable ({e.strerror or e}); pass another folder") from None
 
 
+def format_report(metrics: dict, samples: list[dict]) -> str:
+    """The metrics table, SHOWN samples spread over the pairs (the first, the middle, the last), the collapse line."""
+    picks = sorted({round(i * (len(samples) - 1) / (SHOWN - 1)) for i in range(SHOWN)})
+    lines = [format_table(metrics), "", f"{len(picks)} of the {len(samples):,} replies (all in samples.jsonl):"]
+    for i in picks:
+        context = samples[i]["context"]
+        earlier = len(context) - 1
+        lines.append(f"pair {i + 1}" + (f", after {earlier} earlier turn{'s' * (earlier > 1)}" if earlier else ""))
+        for label, text in (("input", context[-1]), ("reference", samples[i]["reference"]),
+                            ("reply", samples[i]["response"])):
+            lines.append(f"  {label:<10} {' '.join(text.split()) or '(empty)'}")  # one line each, whatever the reply holds
+    collapse = collapse_line([s["response"] for s in samples])
+    return "\n".join(lines + ([collapse] if collapse else []))
+
+
 def write_outputs(out: Path, report: dict, samples: list[dict]):
     try:
         with open(out / "samples.jsonl", "w") as f:
@@ -180,7 +198,7 @@ def run(argv) -> int:
         write_outputs(out, report, samples)
     finally:  # saved or not, minutes of generation end in the table
         # Flushed inside run_script's handlers: a reader that left must not fail Python's exit-time flush.
-        print(format_table(metrics), flush=True)
+        print(format_report(metrics, samples), flush=True)
     print(f"wrote {out / 'report.json'} and {out / 'samples.jsonl'}", flush=True)
     return 0
 

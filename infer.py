@@ -129,7 +129,9 @@ def answer_lines(batches, model, tokenizer, device, max_length, options):
     """Piped input (batches of lines of bytes): one response line per input line, in order.
 
     Each batch is one `generate` call; `generate_ids` pads it, so greedy and
-    beam replies are the ones a line alone would get.
+    beam replies are the ones a line alone would get. Whitespace inside a
+    reply is collapsed to single spaces: a byte-level tokenizer (BART, GPT-2)
+    can write "\n" or "\r" in a reply, and a reader pairs output line k with input line k.
     """
     number = 0
     for batch in batches:
@@ -142,7 +144,7 @@ def answer_lines(batches, model, tokenizer, device, max_length, options):
         inputs = [encode_history(tokenizer, [t], max_length) for t in texts if t.strip()]
         replies = iter(generate_ids(inputs, model, tokenizer, device, **options) if inputs else [])
         for t in texts:
-            print(next(replies) if t.strip() else "", flush=True)
+            print(" ".join(next(replies).split()) if t.strip() else "", flush=True)
 
 
 def build_parser():

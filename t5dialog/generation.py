@@ -21,9 +21,24 @@ from t5dialog.dialogues import encode_history
 from t5dialog.models import GENERATION_DEFAULTS
 
 DEFAULT_DIR = "checkpoints"
-# The model's scores are divided by --temperature (and by --repetition-penalty): far below this they overflow
-# float32 to inf, and sampling then fails on NaN probabilities; nobody needs less (0.001 is greedy in all but name).
-MIN_DIVISOR = 1e-3
+# The model's scores are divided by --temperature (and by --repetition-penalty). Far below MIN_DIVISOR they overflow
+# float32 to inf; past float32's largest number (3.4e38) the divisor is inf itself, and the -inf score of a token
+# --no-repeat-ngram-size bans becomes NaN. Either way sampling fails on NaN probabilities. Nobody needs values
+# beyond these: 0.001 is greedy in all but name, and 1000 makes every token about equally likely.
+MIN_DIVISOR, MAX_DIVISOR = 1e-3, 1e3
+# Each decoding option's range: (lowest, highest, how an error says it). More than 1000 beams is a slip, not a search:
+# it asks for more memory than a machine has, and the kernel kills the process. Seeds are those the API has always
+# taken (torch.manual_seed fails past 2**64).
+RANGES = {
+    "max_new_tokens": (1, math.inf, "at least 1"),
+    "num_beams": (1, 1000, "from 1 to 1000"),
+    "top_p": (math.ulp(0.0), 1, "in (0, 1]"),  # the smallest float above 0: a top-p of 0 keeps no token
+    "top_k": (0, math.inf, "0 (no limit) or more"),
+    "temperature": (MIN_DIVISOR, MAX_DIVISOR, f"from {MIN_DIVISOR:g} to {MAX_DIVISOR:g}"),
+    "no_repeat_ngram_size": (0, math.inf, "0 (off) or more"),
+    "repetition_penalty": (MIN_DIVISOR, MAX_DIVISOR, f"from {MIN_DIVISOR:g} to {MAX_DIVISOR:g}"),
+    "seed": (0, 2**63 - 1, "in [0, 2**63)"),
+}
 
 # ---------------------------------------------------------------- loading
 
@@ -88,18 +103,16 @@ def add_generation_args(parser: argparse.ArgumentParser):
 
 
 def generation_options(args) -> dict:
-    """The decoding flags as keyword arguments for `generate`; checks their ranges."""
+    """The decoding flags as keyword arguments for `generate`; checks their ranges (RANGES), --seed's too when given."""
     options = {k: getattr(args, k) for k in GENERATION_DEFAULTS}
     for name in ("top_p", "temperature", "repetition_penalty"):  # argparse and JSON (1e400) both let nan and inf through
         if not math.isfinite(options[name]):
             raise UserError(f"--{name.replace('_', '-')} {options[name]}: not a finite number; give one like the default, "
                             f"{GENERATION_DEFAULTS[name]}")
-    if options["max_new_tokens"] < 1 or options["num_beams"] < 1:
-        raise UserError("--max-new-tokens and --num-beams must be at least 1")
-    if not 0 < options["top_p"] <= 1 or options["temperature"] < MIN_DIVISOR or options["top_k"] < 0:
-        raise UserError(f"--top-p must be in (0, 1], --temperature at least {MIN_DIVISOR} and --top-k not negative")
-    if options["no_repeat_ngram_size"] < 0 or options["repetition_penalty"] < MIN_DIVISOR:
-        raise UserError(f"--no-repeat-ngram-size cannot be negative and --repetition-penalty must be at least {MIN_DIVISOR}")
+    for name, (lowest, highest, words) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not lowest <= value <= highest:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be {words}")
     return options
 
 

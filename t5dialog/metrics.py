@@ -1,8 +1,10 @@
 """Dialogue-generation metrics for T5 on DailyDialog.
 
 Pure functions over lists of strings (no model code).  ``compute_metrics``
-bundles everything; ``format_table`` renders the result.  Every metric below
-compares one generated ``response`` with one gold ``reference``.
+bundles everything; ``format_table`` renders the result and ``collapse_line``
+says when the replies collapsed.  Every metric below compares one generated
+``response`` with one gold ``reference``.  Every BLEU is on sacreBLEU's 0-100
+scale, so that the three can be read side by side.
 
 Tokenization (``tokenize``) -- used by BLEU-1/2, distinct-n and avg_len
 -----------------------------------------------------------------------
@@ -26,13 +28,15 @@ bleu1, bleu2
     PLATO's DailyDialog BLEU (``plato/metrics/metrics.py::bleu``): NLTK
     ``sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method7)``
     with weights (1, 0, 0, 0) and (0.5, 0.5, 0, 0), one reference per
-    response, averaged over responses.  Scale 0-1, although method7's
-    n-gram-order averaging can push a very short exact match slightly above 1
-    (an NLTK quirk PLATO's numbers share).  An empty response scores 0.
+    response, averaged over responses and multiplied by 100: scale 0-100
+    (PLATO's tables give them on 0-1: 0.397 there is 39.7 here), although
+    method7's n-gram-order averaging lifts an exact match of two or more
+    tokens above 100 (BLEU-1 133, BLEU-2 up to 122: an NLTK quirk PLATO's
+    numbers share).  An empty response scores 0.
 bleu4_corpus
     ``sacrebleu.corpus_bleu(responses, [references]).score`` on the raw
     strings: sacreBLEU defaults (13a tokenization, case-sensitive, 4-grams).
-    Scale 0-100, unlike bleu1/bleu2.
+    Scale 0-100.
 distinct1, distinct2
     Corpus-level distinct-n (Li et al., 2016; PLATO's ``inter_dist``): number
     of distinct n-grams / total n-grams over all responses, n-grams never
@@ -48,7 +52,8 @@ avg_len
 top10_share
     Fraction of responses whose text (whitespace collapsed, case kept) is one
     of the 10 most frequent distinct response texts: a measure of generic
-    replies ("i don't know .").
+    replies ("i don't know .").  About 0.02 for DailyDialog's own references;
+    ``collapse_line`` speaks up from 0.5 on.
 ref_distinct1, ref_distinct2, ref_avg_len
     The same statistics on the references, as a human ceiling.
 perplexity
@@ -79,6 +84,7 @@ __all__ = [
     "mean_f1",
     "avg_length",
     "top_k_share",
+    "collapse_line",
     "perplexity",
     "compute_metrics",
     "format_table",
@@ -193,11 +199,11 @@ def sentence_bleu_1_2(response: str, reference: str) -> tuple[float, float]:
 
 
 def bleu_1_2(responses: Sequence[str], references: Sequence[str]) -> tuple[float, float]:
-    """Sentence BLEU-1 and BLEU-2 averaged over pairs (0-1 scale)."""
+    """Sentence BLEU-1 and BLEU-2 (NLTK's 0-1) averaged over pairs, on sacreBLEU's 0-100 scale like corpus_bleu4."""
     _check_pairs(responses, references)
     scores = [sentence_bleu_1_2(h, r) for h, r in zip(responses, references, strict=True)]
     n = len(scores)
-    return sum(s[0] for s in scores) / n, sum(s[1] for s in scores) / n
+    return 100 * sum(s[0] for s in scores) / n, 100 * sum(s[1] for s in scores) / n
 
 
 def corpus_bleu4(responses: Sequence[str], references: Sequence[str]) -> float:
@@ -241,9 +247,33 @@ def top_k_share(texts: Sequence[str], k: int = 10) -> float:
     _check_texts(texts, "texts")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    return _top_k_count(texts, k)[0] / len(texts)
+
+
+def _top_k_count(texts: Sequence[str], k: int) -> tuple[int, int]:
+    """(how many texts are one of the k most frequent, how many different texts there are), whitespace collapsed."""
     counts = Counter(" ".join(t.split()) for t in texts)
-    top = sorted(counts.values(), reverse=True)[:k]
-    return sum(top) / len(texts)
+    return sum(sorted(counts.values(), reverse=True)[:k]), len(counts)
+
+
+def collapse_line(responses: Sequence[str]) -> str | None:
+    """One line when the 10 most common replies are at least half of all of them (top10_share >= 0.5), else None.
+
+    Then the model says the same few things whatever it is told, which
+    averages such as BLEU hide.  Only past 20 replies: up to 20, ten
+    different texts are half of them however varied the replies are.
+    """
+    _check_texts(responses, "responses")
+    (common, different), n = _top_k_count(responses, 10), len(responses)
+    if n <= 20 or common < n / 2:
+        return None
+    if different == 1:
+        what = f"all {n:,} replies are the same text"
+    elif different <= 10:
+        what = f"all {n:,} replies are one of only {different} different texts"
+    else:
+        what = f"{common:,} of the {n:,} replies ({common / n:.0%}) are one of the 10 most common"
+    return f"collapse: {what}; the model says the same few things whatever it is told"
 
 
 # --------------------------------------------------------------------------
@@ -334,8 +364,8 @@ def compute_metrics(responses: list[str], references: list[str]) -> dict:
 
 
 _NOTES = {
-    "bleu1": "NLTK sentence BLEU, method7, 0-1",
-    "bleu2": "NLTK sentence BLEU, method7, 0-1",
+    "bleu1": "NLTK sentence BLEU, method7, 0-100",
+    "bleu2": "NLTK sentence BLEU, method7, 0-100",
     "bleu4_corpus": "sacreBLEU corpus, 0-100",
     "f1": "ParlAI unigram F1",
     "distinct1": "responses",

@@ -16,6 +16,7 @@ import eval as evaluation
 import infer
 from dataset import DailyDialogDataset, dialogue_pairs, read_dialogues
 from t5dialog import checkpoint as ckpt
+from t5dialog import metrics as m
 from t5dialog.metrics import perplexity
 from t5dialog.validation import target_nll
 
@@ -114,6 +115,21 @@ def call_main(argv):
         return e.code
 
 
+def test_the_report_shows_three_samples_and_says_when_the_replies_collapsed(tiny_model, tmp_path, capsys):
+    # The tiny model answers every input alike: 24 replies, one text.
+    argv = ["--checkpoint", tiny_model, "--data", SAMPLE / "validation.txt", "--max-examples", "24", "--max-new-tokens", "3",
+            "--out", tmp_path]
+    assert call_main(argv) == 0
+    out = capsys.readouterr().out
+    samples = read_samples(tmp_path)
+    for s in (samples[0], samples[12], samples[23]):  # spread over the pairs: the first, the middle and the last
+        for label, text in (("input", s["context"][-1]), ("reference", s["reference"]), ("reply", s["response"])):
+            assert f"  {label:<10} {text}\n" in out, (label, text)
+    assert out.count("  reply ") == 3
+    collapse = [line for line in out.splitlines() if "collapse" in line]
+    assert collapse == [m.collapse_line([s["response"] for s in samples])] and "all 24 replies are the same text" in collapse[0]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--max-examples", "0"], ["--max-examples", "positive"]),
     (["--max-examples", "-3"], ["--max-examples"]),
@@ -122,6 +138,7 @@ def call_main(argv):
     (["--max-new-tokens", "0"], ["--max-new-tokens"]),
     (["--top-p", "1.5"], ["--top-p"]),
     (["--temperature", "0"], ["--temperature"]),
+    (["--do-sample", "--temperature", "1e39"], ["--temperature 1e+39: must be from 0.001 to 1000"]),
     (["--num-beams", "wide"], ["--num-beams", "invalid int"]),
     (["--bogus"], ["unrecognized", "--bogus"]),
     (["--device", "mps"], ["--device mps", "cpu"]),

@@ -167,8 +167,14 @@ def test_a_checkpoint_flag_naming_a_file_says_it_is_a_file(tiny_model, capsys):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--do-sample", "--temperature", "1e-320"], ["--temperature at least"]),  # scores overflow: NaN probabilities
-    (["--do-sample", "--repetition-penalty", "1e-300"], ["--repetition-penalty must be at least"]),
+    (["--do-sample", "--temperature", "1e-320"], ["--temperature 1e-320: must be from 0.001 to 1000"]),  # scores overflow
+    (["--do-sample", "--repetition-penalty", "1e-300"], ["--repetition-penalty 1e-300: must be from 0.001 to 1000"]),
+    # Past float32's largest number the temperature is inf, and a banned token's score -inf / inf is NaN.
+    (["--do-sample", "--temperature", "1e39", "--no-repeat-ngram-size", "1"], ["--temperature 1e+39: must be from 0.001"]),
+    (["--do-sample", "--repetition-penalty", "1e39"], ["--repetition-penalty 1e+39: must be from 0.001 to 1000"]),
+    (["--num-beams", "1000000000"], ["--num-beams 1000000000: must be from 1 to 1000"]),  # 40 GB asked for at once
+    (["--seed", str(2**64)], [f"--seed {2**64}: must be in [0, 2**63)"]),  # more than torch.manual_seed takes
+    (["--seed", "-1"], ["--seed -1: must be in [0, 2**63)"]),  # the API's rule
 ])
 def test_decoding_numbers_that_break_generate_are_one_line_errors(tiny_model, capsys, flags, words):
     assert infer.main(["--checkpoint", str(tiny_model), "--max-new-tokens", "4", *flags, "Hi"]) == 2
@@ -176,6 +182,18 @@ def test_decoding_numbers_that_break_generate_are_one_line_errors(tiny_model, ca
     assert len(err) == 1 and "Traceback" not in err[0], err
     for w in words:
         assert w in err[0], (w, err)
+
+
+def test_a_temperature_past_float32_is_one_line_for_piped_lines_too(tiny_model, capsys, monkeypatch):
+    read, write = os.pipe()
+    os.write(write, b"Hi\nHello there .\n")
+    os.close(write)
+    with open(read) as stdin:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert infer.main(["--checkpoint", str(tiny_model), "--do-sample", "--temperature", "1e39",
+                           "--no-repeat-ngram-size", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "infer.py: error: --temperature 1e+39: must be from 0.001 to 1000", err
 
 
 @pytest.mark.parametrize("stream, words", [("stdin", ["standard input is closed", "prompt"]),

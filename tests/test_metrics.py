@@ -72,7 +72,7 @@ def test_bleu_empty_hypothesis_scores_zero(empty):
     # ...and does not break the average: (0 + 0) / 2 for the first pair...
     b1, b2 = m.bleu_1_2([empty, "hello there"], ["hello there", "hello there"])
     full1, full2 = m.sentence_bleu_1_2("hello there", "hello there")
-    assert (b1, b2) == pytest.approx((full1 / 2, full2 / 2))
+    assert (b1, b2) == pytest.approx((100 * full1 / 2, 100 * full2 / 2))
 
 
 PAIRS = [
@@ -97,8 +97,20 @@ def test_bleu_average_matches_nltk_mean():
     e1 = sum(sentence_bleu([r], h, (1, 0, 0, 0), smoothing_function=M7) for h, r in toks) / 4
     e2 = sum(sentence_bleu([r], h, (0.5, 0.5, 0, 0), smoothing_function=M7) for h, r in toks) / 4
     b1, b2 = m.bleu_1_2(list(hyps), list(refs))
-    assert (b1, b2) == pytest.approx((e1, e2))
+    assert (b1, b2) == pytest.approx((100 * e1, 100 * e2))  # on sacreBLEU's 0-100 scale
     assert b1 > b2 > 0  # sanity: the fixture has unigram but fewer bigram matches
+
+
+def test_every_bleu_is_on_sacrebleus_0_to_100_scale():
+    replies = ["I am fine , thanks .", "It is three .", "See you at the station ."]
+    references = ["I am fine , thank you .", "It is half past three .", "See you then at the station ."]
+    out = m.compute_metrics(replies, references)
+    sentence = [m.sentence_bleu_1_2(h, r) for h, r in zip(replies, references, strict=True)]  # NLTK's own 0-1
+    assert out["bleu1"] == pytest.approx(100 * sum(b for b, _ in sentence) / 3)
+    assert out["bleu2"] == pytest.approx(100 * sum(b for _, b in sentence) / 3)
+    assert out["bleu1"] > out["bleu2"] > out["bleu4_corpus"] > 10  # each n-gram order more lowers BLEU, on one scale
+    notes = {line.split()[0]: line for line in m.format_table(out).splitlines()}
+    assert all("0-100" in notes[key] for key in ("bleu1", "bleu2", "bleu4_corpus"))
 
 
 # ---------------------------------------------------------------- corpus BLEU
@@ -236,6 +248,22 @@ def test_top_k_share_k():
 
 
 # ---------------------------------------------------------------- perplexity
+
+
+def test_a_collapse_is_one_line_naming_how_few_replies_there_are():
+    line = m.collapse_line(["I I I ."] * 29 + ["I I ."])
+    assert "\n" not in line and "all 30 replies are one of only 2 different texts" in line
+    few = [f"reply {i % 12}" for i in range(40)]  # 12 texts: the 10 most common are 34 of the 40 replies
+    assert "34 of the 40 replies (85%) are one of the 10 most common" in m.collapse_line(few)
+
+
+@pytest.mark.parametrize("replies", [
+    [f"reply {i}" for i in range(30)],  # all different
+    [f"reply {i % 25}" for i in range(50)],  # the 10 most common: 20 of 50
+    ["same"] * 20,  # 20 replies or fewer: ten different texts would cover half of them however varied they were
+], ids=["distinct", "varied", "few"])
+def test_varied_replies_or_too_few_to_tell_are_no_collapse(replies):
+    assert m.collapse_line(replies) is None
 
 
 def test_perplexity():

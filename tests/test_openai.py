@@ -128,6 +128,8 @@ REFUSED = [
     (dict(presence_penalty=0.5), "presence_penalty"),
     (dict(max_tokens=100000), "max_tokens"),
     (dict(temperature=3), "temperature"),
+    (dict(temperature=1, extra_body={"repetition_penalty": 1e39}), "repetition_penalty"),
+    (dict(temperature=1, extra_body={"top_k": -1}), "top_k"),  # its own name: one range check, one option per error
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(extra_body={"frobnicate": 1}), "frobnicate"),
 ]

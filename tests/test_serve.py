@@ -223,12 +223,16 @@ BAD_BODIES = [
     (b'{"message": "Hi", "num_beams": true}', '"num_beams" must be an integer'),
     (b'{"message": "Hi", "max_new_tokens": 0}', "max_new_tokens"),
     (b'{"message": "Hi", "max_new_tokens": 100000}', "limit"),
-    (b'{"message": "Hi", "top_p": 1.5}', "top_p must be in (0, 1]"),
+    (b'{"message": "Hi", "top_p": 1.5}', "top_p 1.5: must be in (0, 1]"),
     (b'{"message": "Hi", "temperature": 0}', "temperature"),
     (b'{"message": "Hi", "repetition_penalty": -1}', "repetition_penalty"),
     (b'{"message": "Hi", "seed": -1}', "seed"),
     (b'{"message": "Hi", "do_sample": true, "temperature": 1e400}', "temperature inf: not a finite number"),  # JSON's inf
-    (b'{"message": "Hi", "do_sample": true, "temperature": 1e-320}', "temperature at least"),  # was a 500: NaN probabilities
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e-320}', "temperature 1e-320: must be from 0.001"),  # was a 500
+    (b'{"message": "Hi", "do_sample": true, "temperature": 1e39, "no_repeat_ngram_size": 1}',
+     "temperature 1e+39: must be from 0.001 to 1000"),  # was a 500: inf in float32, and -inf / inf is NaN
+    (b'{"message": "Hi", "do_sample": true, "repetition_penalty": 1e39}', "repetition_penalty 1e+39: must be from"),
+    (b'{"message": "Hi", "seed": 18446744073709551616}', "seed 18446744073709551616: must be in [0, 2**63)"),
     (b'{"message": "Hi", "repetition_penalty": 1e400}', "repetition_penalty inf"),
     (b'{"msg": "Hi"}', "unknown field(s) msg"),
 ]

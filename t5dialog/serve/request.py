@@ -117,7 +117,7 @@ def check_options(options: dict, defaults: dict, seed, names: dict):
         return names.get(option, option)
 
     try:
-        generation_options(argparse.Namespace(**options))
+        generation_options(argparse.Namespace(**options, seed=seed))
     except UserError as e:
         flag = re.search(r"--([a-z-]+)", str(e))
         raise BadRequest(400, re.sub(r"--([a-z-]+)", lambda m: field(m.group(1)), str(e)),
@@ -125,5 +125,3 @@ def check_options(options: dict, defaults: dict, seed, names: dict):
     for name, ceiling in limits(defaults).items():
         if options[name] > ceiling:
             raise BadRequest(400, f"{field(name)} {options[name]} is above this server's limit of {ceiling}", field(name))
-    if seed is not None and not 0 <= seed < 2**63:
-        raise BadRequest(400, "seed must be in [0, 2**63)", "seed")
