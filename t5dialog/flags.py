@@ -76,6 +76,9 @@ def typed_flags(argv) -> set[str]:
     return set(vars(p.parse_args(argv)))
 
 
+SEED_LIMIT = 2**32
+
+
 def check_args(args):
     """Refuse contradictory or impossible settings before any work starts."""
     check_positive(args, "lr", "epochs", "max_steps", "max_tokens", "grad_accum", "eval_every", "save_every", "keep",
@@ -88,6 +91,8 @@ def check_args(args):
         raise UserError("--max-grad-norm, --weight-decay and --eval-generate cannot be negative")
     if args.scratch_vocab_size < models.MIN_SCRATCH_VOCAB:
         raise UserError(f"--scratch-vocab-size must be at least {models.MIN_SCRATCH_VOCAB}, got {args.scratch_vocab_size}")
+    if not -SEED_LIMIT < args.seed < SEED_LIMIT:  # torch.manual_seed takes 64 bits, and dropout seeds add to it
+        raise UserError(f"--seed {args.seed}: out of range; give a number from -{SEED_LIMIT - 1} to {SEED_LIMIT - 1}")
     if args.max_tokens < args.max_length + args.max_target_length:
         raise UserError(f"--max-tokens {args.max_tokens} cannot hold one example of --max-length + --max-target-length "
                         f"({args.max_length + args.max_target_length}); raise --max-tokens or lower the lengths")

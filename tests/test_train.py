@@ -140,6 +140,7 @@ def test_default_model_falls_back_to_scratch_offline_with_a_loud_warning(data_di
     (["--warmup-ratio=-inf"], ["--warmup-ratio", "not a finite number"]),
     (["--max-grad-norm", "nan"], ["--max-grad-norm", "not a number"]),
     (["--output-dir", ""], ["--output-dir", "empty"]),
+    (["--seed", str(2**64)], ["--seed", "out of range"]),  # torch.manual_seed's traceback
 ])
 def test_bad_flags_are_one_line_errors(flags, words, tiny_model, data_dir, tmp_path, capsys):
     code = call_main(train_argv(tiny_model, data_dir, tmp_path / "out", *flags))
