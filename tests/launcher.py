@@ -36,7 +36,8 @@ IMPORT_TIME = ("HF_", "TRANSFORMERS_", "HUGGINGFACE_", "HTTP_PROXY", "HTTPS_PROX
                "http_proxy", "https_proxy", "all_proxy", "no_proxy", "OMP_", "TORCH", "PYTHON")
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["train", "infer", "eval"])
+# matplotlib too: train.py imports it to draw loss.png at its end, 0.55 s a run when each child imports it anew.
+_context.set_forkserver_preload(["train", "infer", "eval", "matplotlib.pyplot"])
 
 
 def script_env(env: dict | None = None, buffered: bool = False) -> dict:
