@@ -89,17 +89,23 @@ def add_generation_args(parser: argparse.ArgumentParser):
     """Decoding flags shared by infer.py and eval.py."""
     d = GENERATION_DEFAULTS
     a = parser.add_argument
-    a("--max-new-tokens", type=int, default=d["max_new_tokens"], help="longest response, in tokens")
-    a("--num-beams", type=int, default=d["num_beams"], help="beam search width (1 = greedy or sampling)")
+
+    def ranged(name: str, text: str) -> str:  # the help text, and the range generation_options holds it to
+        return f"{text}; {RANGES[name][2]}"
+
+    a("--max-new-tokens", type=int, default=d["max_new_tokens"], help=ranged("max_new_tokens", "longest response, in tokens"))
+    a("--num-beams", type=int, default=d["num_beams"], help=ranged("num_beams", "beam search width (1 = greedy or sampling)"))
     a("--do-sample", action="store_true", help="sample instead of picking the most likely token")
     a("--top-p", type=finite_float, default=d["top_p"],
-      help="nucleus sampling: keep the smallest token set with this probability")
-    a("--top-k", type=int, default=d["top_k"], help="sampling: keep the k most likely tokens")
-    a("--temperature", type=finite_float, default=d["temperature"], help="sampling temperature (lower = safer)")
-    a("--no-repeat-ngram-size", type=int, default=d["no_repeat_ngram_size"], help="never repeat an n-gram of this size (0 = off)")
+      help=ranged("top_p", "nucleus sampling: keep the smallest token set with this probability"))
+    a("--top-k", type=int, default=d["top_k"], help=ranged("top_k", "sampling: keep the k most likely tokens"))
+    a("--temperature", type=finite_float, default=d["temperature"],
+      help=ranged("temperature", "sampling temperature (lower = safer)"))
+    a("--no-repeat-ngram-size", type=int, default=d["no_repeat_ngram_size"],
+      help=ranged("no_repeat_ngram_size", "never repeat an n-gram of this size"))
     a("--repetition-penalty", type=finite_float, default=d["repetition_penalty"],
-      help="penalty for tokens already generated (1 = off)")
-    a("--seed", type=int, default=0, help="random seed for --do-sample")
+      help=ranged("repetition_penalty", "penalty for tokens already generated (1 = off)"))
+    a("--seed", type=int, default=0, help=ranged("seed", "random seed for --do-sample"))
 
 
 def generation_options(args) -> dict:
